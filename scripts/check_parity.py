@@ -1,0 +1,75 @@
+#!/usr/bin/env python3
+"""Run every parity fixture found in a directory against our implementation.
+
+    python scripts/check_parity.py --fixtures ../shared/parity/fixtures [--salt 0] [--ckpt DIR]
+
+Prints one line per compared tensor (``<fixture>/<tensor> max_abs=... tol=... ok|FAIL``), a
+``skipped`` line for fixtures whose component is not implemented, and ends with
+``parity: N passed, M failed``. Exit status 0 only when nothing failed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+
+from chatterbox.parity.runner import ComponentMissing, ParityContext, find_checker, load_fixture  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fixtures", required=True, type=Path, help="directory of *.safetensors / *.json fixtures")
+    ap.add_argument("--salt", type=int, default=None,
+                    help="synthetic-weights salt (default: the fixture's meta 'salt' if present, else 0)")
+    ap.add_argument("--ckpt", type=Path, default=None, help="load weights from this checkpoint directory instead")
+    ap.add_argument("--opt", default="reference", help="OptConfig preset to run under (reference|fast)")
+    ap.add_argument("--only", default="", help="comma-separated fixture stems to run")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+
+    if not args.fixtures.is_dir():
+        print(f"error: fixtures directory not found: {args.fixtures}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = {s for s in args.only.split(",") if s}
+    paths = sorted(p for p in args.fixtures.iterdir() if p.suffix in (".safetensors", ".json"))
+    paths = [p for p in paths if not only or p.stem in only]
+    passed = failed = skipped = 0
+    contexts: dict[int, ParityContext] = {}
+    for path in paths:
+        checker = find_checker(path.stem)
+        if checker is None:
+            print(f"{path.stem}  skipped (no checker for this fixture)")
+            skipped += 1
+            continue
+        fixture = load_fixture(path)
+        salt = args.salt if args.salt is not None else int(fixture.meta.get("salt", 0))
+        ctx = contexts.setdefault(salt, ParityContext(ckpt_dir=args.ckpt, salt=salt, opt=args.opt))
+        t0 = time.perf_counter()
+        try:
+            results = checker(fixture, ctx)
+        except ComponentMissing as exc:
+            print(f"{path.stem}  skipped ({exc})")
+            skipped += 1
+            continue
+        except Exception as exc:  # a crash is a failure of that fixture, not of the runner
+            print(f"{path.stem}/*  error: {type(exc).__name__}: {exc}  FAIL")
+            failed += 1
+            continue
+        for r in results:
+            print(f"{path.stem}/{r.line()}")
+            passed += r.ok
+            failed += not r.ok
+        print(f"# {path.stem}: {len(results)} tensors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    print(f"parity: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+    return 0 if failed == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

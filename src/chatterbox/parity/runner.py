@@ -1,0 +1,119 @@
+"""Compare our components with upstream's recorded outputs (the parity fixtures).
+
+Each fixture stem has a checker module ``chatterbox.parity.check_<stem>`` exposing
+``check(fixture: Fixture, ctx: ParityContext) -> list[Comparison]``. A checker whose component
+does not exist yet raises ``ComponentMissing`` (or its import fails), and the fixture is skipped.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..checkpoint import OPTIONAL_S3GEN_KEYS, find_checkpoint_file, load_strict, read_state_dict
+from ..synthetic import synth_state_dict
+
+# Accept tolerances of the parity kit: max|a-b| <= atol + rtol * max|ref|.
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-5
+
+
+class ComponentMissing(RuntimeError):
+    """The component a fixture checks is not implemented yet."""
+
+
+@dataclass
+class Fixture:
+    stem: str
+    tensors: dict[str, torch.Tensor]
+    meta: dict
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_abs: float
+    tolerance: float
+    ok: bool
+    exact: bool = False
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        tol = "exact" if self.exact else f"{self.tolerance:.3e}"
+        return f"{self.name}  max_abs={self.max_abs:.3e}  tol={tol}  {verdict}"
+
+
+def compare(name: str, actual: torch.Tensor, expected: torch.Tensor,
+            rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Comparison:
+    """Integer tensors must match exactly; floats within ``atol + rtol * max|expected|``."""
+    actual = torch.as_tensor(actual).detach().cpu()
+    expected = torch.as_tensor(expected).detach().cpu()
+    if tuple(actual.shape) != tuple(expected.shape):
+        return Comparison(f"{name} (shape {list(actual.shape)} != {list(expected.shape)})",
+                          float("inf"), 0.0, False, exact=not expected.is_floating_point())
+    if not expected.is_floating_point():
+        wrong = int((actual.to(expected.dtype) != expected).sum())
+        return Comparison(name, float(wrong), 0.0, wrong == 0, exact=True)
+    if expected.numel() == 0:
+        return Comparison(name, 0.0, atol, True)
+    diff = (actual.double() - expected.double()).abs()
+    max_abs = float(diff.max()) if torch.isfinite(diff).all() else float("inf")
+    tol = atol + rtol * float(expected.double().abs().max())
+    return Comparison(name, max_abs, tol, max_abs <= tol)
+
+
+@dataclass
+class ParityContext:
+    """Where checkers get weights: a checkpoint directory, or synthetic weights with a salt."""
+
+    ckpt_dir: Path | None = None
+    salt: int = 0
+    device: str = "cpu"
+    opt: str = "reference"
+    _files: dict = field(default_factory=dict)
+
+    def load(self, module: nn.Module, stem: str, prefix: str = "") -> nn.Module:
+        """Strictly load the ``prefix`` part of checkpoint ``stem`` (ve, t3_cfg, s3gen) into ``module``."""
+        optional = [k[len(prefix):] for k in OPTIONAL_S3GEN_KEYS if stem == "s3gen" and k.startswith(prefix)]
+        if self.ckpt_dir is not None:
+            state = read_state_dict(find_checkpoint_file(self.ckpt_dir, stem), prefix)
+        else:
+            state = synth_state_dict(module.state_dict(), prefix=prefix, salt=self.salt)
+        load_strict(module, state, f"{stem}[{prefix or '*'}]", optional=optional)
+        return module.to(self.device).eval()
+
+
+CHECKED_STEMS = (
+    "mels", "s3tokenizer", "campplus", "voice_encoder", "embed_ref", "s3gen_flow", "hift",
+    "s3gen_e2e", "prepare_conditionals", "streaming_chunks", "t3_forward", "t3_inference_steps",
+    "text_and_token_utils",
+)
+
+
+def load_fixture(path: Path) -> Fixture:
+    if path.suffix == ".json":
+        return Fixture(path.stem, {}, json.loads(path.read_text()))
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+    return Fixture(path.stem, load_file(str(path)), meta)
+
+
+def find_checker(stem: str) -> Callable | None:
+    try:
+        mod = importlib.import_module(f"chatterbox.parity.check_{stem}")
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("chatterbox"):
+            return None
+        raise
+    return getattr(mod, "check", None)

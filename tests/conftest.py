@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+FIXTURES = ROOT / "tests" / "fixtures"
+DATA = ROOT / "tests" / "data"
+SHARED_FIXTURES = ROOT.parent / "shared" / "parity" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+def load_fixture(stem: str):
+    from chatterbox.parity.runner import load_fixture as _load
+
+    suffix = ".json" if stem == "text_and_token_utils" else ".safetensors"
+    return _load(FIXTURES / f"{stem}{suffix}")
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.manual_seed(0)
+    yield
