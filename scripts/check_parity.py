@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             continue
         for r in results:
-            print(f"{path.stem}/{r.line()}")
+            print(f"{path.stem}/{r.line()}", flush=True)
             passed += r.ok
             failed += not r.ok
         print(f"# {path.stem}: {len(results)} tensors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
