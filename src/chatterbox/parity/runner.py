@@ -78,7 +78,7 @@ class ParityContext:
     salt: int = 0
     device: str = "cpu"
     opt: str = "reference"
-    _files: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # models shared by several fixtures
 
     def load(self, module: nn.Module, stem: str, prefix: str = "") -> nn.Module:
         """Strictly load the ``prefix`` part of checkpoint ``stem`` (ve, t3_cfg, s3gen) into ``module``."""

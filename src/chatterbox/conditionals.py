@@ -1,0 +1,64 @@
+"""A prepared voice: T3 conditioning plus the S3Gen reference, saved in upstream's ``conds.pt`` format."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .models.s3gen.s3gen import S3GenRef
+from .models.t3.cond import T3Cond
+
+_T3_FIELDS = ("speaker_emb", "clap_emb", "cond_prompt_speech_tokens", "cond_prompt_speech_emb", "emotion_adv")
+
+
+@dataclass
+class Conditionals:
+    t3: T3Cond
+    gen: S3GenRef
+
+    def to(self, device: torch.device | str) -> "Conditionals":
+        """A copy on ``device`` (the original is left untouched)."""
+        return Conditionals(self.t3.to(device), self.gen.to(device))
+
+    def clone(self) -> "Conditionals":
+        """A deep copy made of ordinary tensors (safe to edit in place whatever mode made the original)."""
+        t3 = T3Cond(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in _t3_dict(self.t3).items()})
+        return Conditionals(t3, self.gen.clone())
+
+    def with_exaggeration(self, exaggeration: float) -> "Conditionals":
+        fields = _t3_dict(self.t3)
+        fields["emotion_adv"] = torch.full((1, 1, 1), float(exaggeration), device=self.t3.speaker_emb.device)
+        return Conditionals(T3Cond(**fields), self.gen)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``{"t3": {...T3Cond fields}, "gen": {...ref_dict}}`` with ``torch.save``, as upstream does."""
+        payload = {"t3": {k: _plain(v) for k, v in _t3_dict(self.t3).items()},
+                   "gen": {k: _plain(v) for k, v in self.gen.as_dict().items()}}
+        torch.save(payload, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "Conditionals":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"conditionals file not found: {path}")
+        try:
+            payload = torch.load(str(path), map_location=map_location, weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"cannot read conditionals from {path}: {exc}") from exc
+        if not isinstance(payload, dict) or "t3" not in payload or "gen" not in payload:
+            raise ValueError(f"{path} is not a conds.pt file (expected a dict with 't3' and 'gen')")
+        t3_fields = {k: v for k, v in payload["t3"].items() if k in _T3_FIELDS}
+        unknown = set(payload["t3"]) - set(_T3_FIELDS)
+        if unknown:
+            raise ValueError(f"{path}: unknown T3 conditioning fields {sorted(unknown)}")
+        return cls(T3Cond(**t3_fields), S3GenRef.from_dict(payload["gen"]))
+
+
+def _t3_dict(cond: T3Cond) -> dict:
+    return {k: getattr(cond, k) for k in _T3_FIELDS}
+
+
+def _plain(value):
+    # CPU copies so the file loads on machines without the device it was made on.
+    return value.detach().cpu() if torch.is_tensor(value) else value

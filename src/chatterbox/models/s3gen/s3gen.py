@@ -1,0 +1,185 @@
+"""S3Gen: speech tokens -> 24 kHz waveform, plus the reference embedding that conditions it.
+
+Composition of the published S3Gen checkpoint: ``tokenizer`` (S3 tokenizer), ``speaker_encoder``
+(CAMPPlus), ``flow`` (token -> mel) and ``mel2wav`` (HiFT vocoder). The submodule names are the
+checkpoint's key prefixes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...audio import S3GenMelConfig, resample_torchaudio, s3gen_mel_spectrogram
+from ..s3tokenizer import S3Tokenizer, S3TokenizerConfig
+from .flow import FlowConfig, S3GenFlow
+from .hift import HiFTConfig, HiFTGenerator
+from .source import SourceNoise
+from .xvector import CAMPPlus, CAMPPlusConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class S3GenConfig:
+    tokenizer: S3TokenizerConfig = field(default_factory=S3TokenizerConfig.published)
+    speaker_encoder: CAMPPlusConfig = field(default_factory=CAMPPlusConfig.published)
+    flow: FlowConfig = field(default_factory=FlowConfig.published)
+    hift: HiFTConfig = field(default_factory=HiFTConfig.published)
+    mel: S3GenMelConfig = field(default_factory=S3GenMelConfig.published)
+    sample_rate: int = 24000
+    tokenizer_sample_rate: int = 16000
+    n_speech_codes: int = 6561
+    mel_frames_per_token: int = 2
+    samples_per_mel_frame: int = 480
+    # The first 20 ms of every rendering are muted and the next 20 ms faded in (a raised cosine):
+    # the flow tends to leak the end of the reference prompt into the first frames.
+    trim_fade_samples: int = 480
+    max_reference_seconds: float = 10.0
+    # Length of the CFM start-noise table: frames beyond it cannot be rendered in one call.
+    noise_frames: int = 15000
+
+    @classmethod
+    def published(cls) -> "S3GenConfig":
+        return cls()
+
+
+@dataclass
+class S3GenRef:
+    """Reference conditioning for S3Gen (upstream's ``ref_dict``)."""
+
+    prompt_token: torch.Tensor  # (1, P) int64 speech tokens of the reference
+    prompt_token_len: torch.Tensor  # (1,) int64
+    prompt_feat: torch.Tensor  # (1, F, 80) reference mel; F may be 2P or 2P + 1
+    embedding: torch.Tensor  # (1, 192) CAMPPlus x-vector
+    prompt_feat_len: torch.Tensor | None = None
+
+    def to(self, device: torch.device | str) -> "S3GenRef":
+        moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.as_dict().items()}
+        return S3GenRef.from_dict(moved)
+
+    def as_dict(self) -> dict:
+        return dict(prompt_token=self.prompt_token, prompt_token_len=self.prompt_token_len,
+                    prompt_feat=self.prompt_feat, prompt_feat_len=self.prompt_feat_len,
+                    embedding=self.embedding)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "S3GenRef":
+        def tensor(v):
+            return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+
+        missing = [k for k in ("prompt_token", "prompt_token_len", "prompt_feat", "embedding") if k not in d]
+        if missing:
+            raise ValueError(f"S3Gen reference is missing {missing}")
+        return cls(prompt_token=tensor(d["prompt_token"]), prompt_token_len=tensor(d["prompt_token_len"]),
+                   prompt_feat=tensor(d["prompt_feat"]), embedding=tensor(d["embedding"]),
+                   prompt_feat_len=tensor(d.get("prompt_feat_len")))
+
+    def clone(self) -> "S3GenRef":
+        return S3GenRef.from_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.as_dict().items()})
+
+
+def trim_fade_window(cfg: S3GenConfig, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(2n,) = n zeros, then a raised cosine rising from 0 to 1 over n samples."""
+    n = cfg.trim_fade_samples
+    rise = (torch.cos(torch.linspace(math.pi, 0.0, n, device=device, dtype=dtype)) + 1) / 2
+    return torch.cat([torch.zeros(n, device=device, dtype=dtype), rise])
+
+
+class S3Gen(nn.Module):
+    def __init__(self, cfg: S3GenConfig | None = None):
+        super().__init__()
+        cfg = cfg or S3GenConfig.published()
+        self.cfg = cfg
+        self.tokenizer = S3Tokenizer(cfg.tokenizer)
+        self.speaker_encoder = CAMPPlus(cfg.speaker_encoder)
+        self.flow = S3GenFlow(cfg.flow)
+        self.mel2wav = HiFTGenerator(cfg.hift)
+        self.register_buffer("trim_fade", trim_fade_window(cfg), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.flow.input_embedding.weight.device
+
+    # ---------------------------------------------------------------- reference
+    def embed_ref(self, wav: torch.Tensor | np.ndarray, sample_rate: int) -> S3GenRef:
+        """Reference mel, speech tokens and x-vector of a mono recording, as upstream's ``embed_ref``.
+
+        When the mel has F != 2P frames, the tokens are cut to F // 2 and the mel is kept as is.
+        """
+        if isinstance(wav, np.ndarray):
+            wav = torch.from_numpy(np.ascontiguousarray(wav))
+        wav = wav.to(device=self.device, dtype=torch.float32)
+        if wav.dim() == 1:
+            wav = wav.unsqueeze(0)  # (1, L)
+        if wav.dim() != 2 or wav.shape[0] != 1:
+            raise ValueError(f"embed_ref takes one mono waveform (L,) or (1, L), got shape {tuple(wav.shape)}")
+        if wav.shape[1] > self.cfg.max_reference_seconds * sample_rate:
+            log.warning("S3Gen reference is longer than %.0f s", self.cfg.max_reference_seconds)
+        wav_24k = wav if sample_rate == self.cfg.sample_rate else resample_torchaudio(wav, sample_rate, self.cfg.sample_rate)
+        prompt_feat = s3gen_mel_spectrogram(wav_24k, self.cfg.mel).transpose(1, 2)  # (1, F, 80)
+        wav_16k = resample_torchaudio(wav, sample_rate, self.cfg.tokenizer_sample_rate)
+        embedding = self.speaker_encoder.inference(wav_16k)  # (1, 192)
+        tokens, _ = self.tokenizer(wav_16k)  # (1, P)
+        n_frames = prompt_feat.shape[1]
+        if n_frames != self.cfg.mel_frames_per_token * tokens.shape[1]:
+            log.debug("reference mel has %d frames for %d tokens: tokens cut to %d",
+                      n_frames, tokens.shape[1], n_frames // self.cfg.mel_frames_per_token)
+            tokens = tokens[:, : n_frames // self.cfg.mel_frames_per_token]
+        token_len = torch.full((1,), tokens.shape[1], dtype=torch.long, device=tokens.device)
+        return S3GenRef(prompt_token=tokens, prompt_token_len=token_len, prompt_feat=prompt_feat,
+                        embedding=embedding)
+
+    # ---------------------------------------------------------------- rendering
+    def total_frames(self, ref: S3GenRef, n_tokens: int) -> int:
+        return self.cfg.mel_frames_per_token * (ref.prompt_token.shape[1] + n_tokens)
+
+    def draw_cfm_noise(self, n_frames: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Start noise for the CFM, (1, 80, n_frames), drawn on the CPU generator then moved.
+
+        Index it by absolute frame (prompt frames first): a stream that slices the same table
+        renders exactly what a one-shot call renders.
+        """
+        n_frames = n_frames or self.cfg.noise_frames
+        noise = torch.randn((1, self.cfg.flow.n_mels, n_frames), generator=generator)
+        return noise.to(self.device)
+
+    def flow_inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
+                       finalize: bool = True, n_timesteps: int | None = None,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only."""
+        tokens = self._check_tokens(speech_tokens)
+        if cfm_noise is None:
+            cfm_noise = self.draw_cfm_noise(self.total_frames(ref, tokens.shape[1]), generator)
+        return self.flow(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, cfm_noise,
+                         finalize=finalize, n_timesteps=n_timesteps)
+
+    def hift_inference(self, mel: torch.Tensor, noise: SourceNoise | None = None,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mel2wav(mel, noise=noise, generator=generator)
+
+    def apply_trim_fade(self, wav: torch.Tensor) -> torch.Tensor:
+        n = min(self.trim_fade.shape[0], wav.shape[-1])
+        faded = wav[..., :n] * self.trim_fade[:n].to(wav.dtype)
+        return torch.cat([faded, wav[..., n:]], dim=-1)
+
+    def inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
+                  source_noise: SourceNoise | None = None, generator: torch.Generator | None = None,
+                  finalize: bool = True, n_timesteps: int | None = None) -> torch.Tensor:
+        """Speech codes -> waveform (1, L) at 24 kHz, L = 480 * mel frames, with the trim fade applied."""
+        mel = self.flow_inference(speech_tokens, ref, cfm_noise, finalize, n_timesteps, generator)
+        wav, _ = self.hift_inference(mel, source_noise, generator)
+        return self.apply_trim_fade(wav)
+
+    def _check_tokens(self, speech_tokens: torch.Tensor) -> torch.Tensor:
+        if speech_tokens.dim() == 1:
+            speech_tokens = speech_tokens.unsqueeze(0)
+        if speech_tokens.dim() != 2 or speech_tokens.shape[0] != 1:
+            raise ValueError(f"S3Gen renders one sequence (N,) or (1, N), got shape {tuple(speech_tokens.shape)}")
+        if speech_tokens.shape[1] == 0:
+            raise ValueError("S3Gen got no speech tokens to render")
+        return speech_tokens.to(self.device)
