@@ -9,8 +9,6 @@ import torch
 from .models.s3gen.s3gen import S3GenRef
 from .models.t3.cond import T3Cond
 
-_T3_FIELDS = ("speaker_emb", "clap_emb", "cond_prompt_speech_tokens", "cond_prompt_speech_emb", "emotion_adv")
-
 
 @dataclass
 class Conditionals:
@@ -23,17 +21,16 @@ class Conditionals:
 
     def clone(self) -> "Conditionals":
         """A deep copy made of ordinary tensors (safe to edit in place whatever mode made the original)."""
-        t3 = T3Cond(**{k: (v.clone() if torch.is_tensor(v) else v) for k, v in _t3_dict(self.t3).items()})
+        t3 = T3Cond.from_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.t3.as_dict().items()})
         return Conditionals(t3, self.gen.clone())
 
     def with_exaggeration(self, exaggeration: float) -> "Conditionals":
-        fields = _t3_dict(self.t3)
-        fields["emotion_adv"] = torch.full((1, 1, 1), float(exaggeration), device=self.t3.speaker_emb.device)
-        return Conditionals(T3Cond(**fields), self.gen)
+        emotion = torch.full((1, 1, 1), float(exaggeration), device=self.t3.speaker_emb.device)
+        return Conditionals(self.t3.replace(emotion_adv=emotion), self.gen)
 
     def save(self, path: str | Path) -> None:
         """Write ``{"t3": {...T3Cond fields}, "gen": {...ref_dict}}`` with ``torch.save``, as upstream does."""
-        payload = {"t3": {k: _plain(v) for k, v in _t3_dict(self.t3).items()},
+        payload = {"t3": {k: _plain(v) for k, v in self.t3.as_dict().items()},
                    "gen": {k: _plain(v) for k, v in self.gen.as_dict().items()}}
         torch.save(payload, str(path))
 
@@ -48,15 +45,10 @@ class Conditionals:
             raise ValueError(f"cannot read conditionals from {path}: {exc}") from exc
         if not isinstance(payload, dict) or "t3" not in payload or "gen" not in payload:
             raise ValueError(f"{path} is not a conds.pt file (expected a dict with 't3' and 'gen')")
-        t3_fields = {k: v for k, v in payload["t3"].items() if k in _T3_FIELDS}
-        unknown = set(payload["t3"]) - set(_T3_FIELDS)
-        if unknown:
-            raise ValueError(f"{path}: unknown T3 conditioning fields {sorted(unknown)}")
-        return cls(T3Cond(**t3_fields), S3GenRef.from_dict(payload["gen"]))
-
-
-def _t3_dict(cond: T3Cond) -> dict:
-    return {k: getattr(cond, k) for k in _T3_FIELDS}
+        try:
+            return cls(T3Cond.from_dict(payload["t3"]), S3GenRef.from_dict(payload["gen"]))
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
 
 def _plain(value):
