@@ -1,0 +1,147 @@
+"""ConditionalDecoder: the velocity estimator of S3Gen's flow matching (a causal 1-D U-Net).
+
+The published model has a single resolution level: down stage (resnet + transformers + causal
+conv, no down-sampling), a stack of mid stages, one up stage fed with the down stage's skip, then a
+final causal block and a 1x1 projection. Keys live under ``flow.decoder.estimator.`` in s3gen.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ...nn.conv import Conv1d
+from .decoder_blocks import (
+    CausalBlock1D,
+    CausalConv1d,
+    CausalResnetBlock1D,
+    TimestepMLP,
+    TransformerBlock,
+    apply_mask,
+    key_padding_bias,
+    sinusoidal_embedding,
+)
+
+
+@dataclass(frozen=True)
+class ConditionalDecoderConfig:
+    n_feats: int = 80  # mel bins: x, mu, cond and the output all have this many channels
+    spk_dim: int = 80  # projected speaker vector, broadcast over time
+    channels: int = 256  # U-Net width (one level)
+    n_blocks: int = 4  # transformer blocks per stage
+    num_mid_blocks: int = 12
+    num_heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    time_embed_mult: int = 4  # time embedding width = channels * time_embed_mult
+    kernel_size: int = 3
+    norm_eps: float = 1e-5
+    time_scale: float = 1000.0  # t in [0, 1] is scaled before the sinusoidal features
+    max_period: float = 10000.0
+
+    @property
+    def in_channels(self) -> int:
+        return 3 * self.n_feats + self.spk_dim  # [x, mu, spks, cond]
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.channels * self.time_embed_mult
+
+    @classmethod
+    def published(cls) -> "ConditionalDecoderConfig":
+        return cls()
+
+    @classmethod
+    def small(cls) -> "ConditionalDecoderConfig":
+        """A tiny estimator for fast unit tests (not a published model)."""
+        return cls(n_feats=8, spk_dim=8, channels=16, n_blocks=1, num_mid_blocks=2, num_heads=2, head_dim=8)
+
+
+def _transformers(cfg: ConditionalDecoderConfig) -> nn.ModuleList:
+    return nn.ModuleList(
+        TransformerBlock(cfg.channels, cfg.num_heads, cfg.head_dim, cfg.ff_mult, cfg.norm_eps)
+        for _ in range(cfg.n_blocks)
+    )
+
+
+def _resnet(cfg: ConditionalDecoderConfig, dim_in: int) -> CausalResnetBlock1D:
+    return CausalResnetBlock1D(dim_in, cfg.channels, cfg.time_embed_dim, cfg.kernel_size, cfg.norm_eps)
+
+
+def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    h = x.transpose(1, 2)  # (B, T, C)
+    for block in blocks:
+        h = block(h, bias)
+    return h.transpose(1, 2).contiguous()  # (B, C, T)
+
+
+class ConditionalDecoder(nn.Module):
+    def __init__(self, cfg: ConditionalDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.channels
+        self.time_mlp = TimestepMLP(cfg.in_channels, cfg.time_embed_dim)
+        # each stage is a ModuleList so that keys read "<stage>.0" (resnet), ".1.<i>" (transformers),
+        # ".2" (causal conv), as in the checkpoint
+        self.down_blocks = nn.ModuleList([
+            nn.ModuleList([_resnet(cfg, cfg.in_channels), _transformers(cfg), CausalConv1d(c, c, cfg.kernel_size)])
+        ])
+        self.mid_blocks = nn.ModuleList(
+            nn.ModuleList([_resnet(cfg, c), _transformers(cfg)]) for _ in range(cfg.num_mid_blocks)
+        )
+        self.up_blocks = nn.ModuleList([
+            nn.ModuleList([_resnet(cfg, 2 * c), _transformers(cfg), CausalConv1d(c, c, cfg.kernel_size)])
+        ])
+        self.final_block = CausalBlock1D(c, c, cfg.kernel_size, cfg.norm_eps)
+        self.final_proj = Conv1d(c, cfg.n_feats, 1)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        mu: torch.Tensor,
+        t: torch.Tensor,
+        spks: torch.Tensor,
+        cond: torch.Tensor,
+    ) -> torch.Tensor:
+        """Velocity for the current x.
+
+        x, mu, cond: (B, n_feats, T); mask: (B, 1, T) of 0/1, or None when no frame is padded (same
+        numbers as a mask of ones, without the masking work); t: (B,) in [0, 1]; spks: (B, spk_dim).
+        Returns (B, n_feats, T), zero on padded frames.
+        """
+        cfg = self.cfg
+        if x.dim() != 3 or x.shape[1] != cfg.n_feats:
+            raise ValueError(f"x must be (B, {cfg.n_feats}, T), got {tuple(x.shape)}")
+        if mu.shape != x.shape or cond.shape != x.shape:
+            raise ValueError(f"mu {tuple(mu.shape)} and cond {tuple(cond.shape)} must match x {tuple(x.shape)}")
+        if spks.shape != (x.shape[0], cfg.spk_dim):
+            raise ValueError(f"spks must be ({x.shape[0]}, {cfg.spk_dim}), got {tuple(spks.shape)}")
+        if mask is not None and mask.shape != (x.shape[0], 1, x.shape[2]):
+            raise ValueError(f"mask must be ({x.shape[0]}, 1, {x.shape[2]}), got {tuple(mask.shape)}")
+
+        t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
+        t_emb = self.time_mlp(t_feat)  # (B, time_embed_dim)
+
+        spk_map = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, spk_dim, T)
+        h = torch.cat([x, mu, spk_map, cond], dim=1)  # (B, in_channels, T)
+        # one level, so every stage sees the same mask and attention bias
+        bias = key_padding_bias(mask, h.dtype)
+
+        resnet, blocks, conv = self.down_blocks[0]
+        h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
+        skip = h
+        h = conv(apply_mask(h, mask))
+
+        for resnet, blocks in self.mid_blocks:
+            h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
+
+        resnet, blocks, conv = self.up_blocks[0]
+        h = torch.cat([h, skip], dim=1)  # (B, 2C, T)
+        h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
+        h = conv(apply_mask(h, mask))
+
+        h = self.final_block(h, mask)
+        out = self.final_proj(apply_mask(h, mask))  # (B, n_feats, T)
+        return apply_mask(out, mask)
