@@ -1,0 +1,270 @@
+"""Llama decoder backbone of T3 (HF ``LlamaModel`` math, inputs are always embeddings).
+
+Two entry points:
+
+* ``forward(embeds, cache=None)``: causal pass over positions ``0..S-1`` (teacher forcing, prefill).
+  With a cache, the keys/values of those positions are also written into it.
+* ``decode(embeds, positions, cache)``: the tokens at ``positions`` attend over the whole static
+  cache with a mask built from ``positions``. Shapes never depend on how much of the cache is
+  filled, so one decode step can be captured in a CUDA graph.
+
+Static KV cache and autograd modes: the cache is written in place (``index_copy_``). It is a
+per-generation object that must be created in the same autograd mode it is used in (e.g. both
+inside ``torch.inference_mode()``): torch forbids in-place writes to an inference tensor outside
+inference mode. It is meant for generation; do not backpropagate through a decode that reused it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Supported rotary variants: plain RoPE, and HF's "llama3" frequency rescaling.
+ROPE_LLAMA3 = "llama3"
+ROPE_DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_type: str = ROPE_DEFAULT
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 1.0
+    rope_original_max_positions: int = 0
+    max_position_embeddings: int = 2048
+    # The token embedding table is never used (inputs are embeddings) but is a checkpoint key.
+    vocab_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.rope_type not in (ROPE_DEFAULT, ROPE_LLAMA3):
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+
+    @classmethod
+    def published(cls) -> "LlamaConfig":
+        """``Llama_520M`` of upstream's llama_configs.py."""
+        return cls(
+            hidden_size=1024, intermediate_size=4096, num_layers=30, num_heads=16, num_kv_heads=16,
+            head_dim=64, rms_norm_eps=1e-5, rope_theta=500000.0, rope_type=ROPE_LLAMA3,
+            rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+            rope_original_max_positions=8192, max_position_embeddings=131072, vocab_size=8,
+        )
+
+    @classmethod
+    def tiny(cls) -> "LlamaConfig":
+        """A few-layer model with the same structure, for fast unit tests."""
+        return cls(
+            hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+            head_dim=16, rms_norm_eps=1e-5, rope_theta=500000.0, rope_type=ROPE_LLAMA3,
+            rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+            rope_original_max_positions=64, max_position_embeddings=1024, vocab_size=8,
+        )
+
+
+@dataclass
+class KVCache:
+    """Static key/value cache, allocated once at full length and written by position.
+
+    ``k``/``v``: (layers, B, kv_heads, max_len, head_dim). Zero-initialised, so masked (unwritten)
+    slots never feed NaN/inf into attention.
+    """
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def allocate(cls, cfg: LlamaConfig, batch: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype) -> "KVCache":
+        if max_len < 1 or max_len > cfg.max_position_embeddings:
+            raise ValueError(f"cache length {max_len} outside 1..{cfg.max_position_embeddings}")
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+
+def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
+    """Rotary inverse frequencies (head_dim/2,) in float32, in HF's op order (bit-compatible)."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device=device).float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    if cfg.rope_type != ROPE_LLAMA3:
+        return inv_freq
+    # llama3: keep high frequencies, divide low ones by `factor`, blend smoothly in between.
+    low_wavelen = cfg.rope_original_max_positions / cfg.rope_low_freq_factor
+    high_wavelen = cfg.rope_original_max_positions / cfg.rope_high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / cfg.rope_factor, inv_freq)
+    smooth = (cfg.rope_original_max_positions / wavelen - cfg.rope_low_freq_factor) / (
+        cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(cfg: LlamaConfig, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables (S, head_dim) for integer ``positions`` (S,), computed in float32.
+
+    Computed per call (a few tiny kernels) rather than stored, so a model built on the meta device
+    needs nothing beyond its state dict.
+    """
+    inv_freq = rope_inv_freq(cfg, positions.device)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # (S, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (S, head_dim)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, S, D); cos/sin (S, D)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Llama normalises in float32 whatever the activation dtype, then scales in that dtype.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, n, self.cfg.head_dim).transpose(1, 2)  # (B, n, S, D)
+
+    def _expand_kv(self, x: Tensor) -> Tensor:
+        groups = self.cfg.num_heads // self.cfg.num_kv_heads
+        return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                cache_kv: tuple[Tensor, Tensor] | None, attend_cache: bool, attn_mask: Tensor | None) -> Tensor:
+        """x (B, S, C). ``cache_kv``: this layer's (B, kv_heads, max_len, D) slices, written at ``positions``.
+
+        ``attend_cache`` False: causal attention over this call's own keys (positions must be 0..S-1).
+        True: attention over the whole cache under ``attn_mask`` (1, 1, S, max_len).
+        """
+        b, s, _ = x.shape
+        q = apply_rope(self._heads(self.q_proj(x), self.cfg.num_heads), cos, sin)
+        k = apply_rope(self._heads(self.k_proj(x), self.cfg.num_kv_heads), cos, sin)
+        v = self._heads(self.v_proj(x), self.cfg.num_kv_heads)
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            # In-place by design: see the module docstring on the cache's autograd mode.
+            cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
+            if attend_cache:
+                k, v = cache_k, cache_v
+        if attend_cache:
+            out = F.scaled_dot_product_attention(q, self._expand_kv(k), self._expand_kv(v), attn_mask=attn_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, self._expand_kv(k), self._expand_kv(v), is_causal=True)
+        out = out.transpose(1, 2).reshape(b, s, self.cfg.num_heads * self.cfg.head_dim)  # (B, S, H*D)
+        return self.o_proj(out)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.self_attn = LlamaAttention(cfg)
+        self.mlp = LlamaMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
+                cache_kv: tuple[Tensor, Tensor] | None, attend_cache: bool, attn_mask: Tensor | None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache_kv, attend_cache, attn_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    """Decoder stack + final RMSNorm; returns the normalised last hidden states (B, S, C)."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def _check_cache(self, embeds: Tensor, cache: KVCache) -> None:
+        if cache.k.shape[0] != self.cfg.num_layers or cache.batch != embeds.shape[0]:
+            raise ValueError(f"cache for {cache.k.shape[0]} layers x batch {cache.batch} does not fit "
+                             f"{self.cfg.num_layers} layers x batch {embeds.shape[0]}")
+
+    def _run(self, embeds: Tensor, positions: Tensor, cache: KVCache | None, attend_cache: bool,
+             attn_mask: Tensor | None) -> Tensor:
+        cos, sin = rope_cos_sin(self.cfg, positions, embeds.dtype)
+        h = embeds
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, positions, cache_kv, attend_cache, attn_mask)
+        return self.norm(h)
+
+    def forward(self, embeds: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Causal pass over ``embeds`` (B, S, C) at positions 0..S-1; fills ``cache[:, :, :, :S]`` if given."""
+        s = embeds.shape[1]
+        if cache is not None:
+            self._check_cache(embeds, cache)
+            if s > cache.max_len:
+                raise ValueError(f"{s} positions do not fit a cache of length {cache.max_len}")
+        positions = torch.arange(s, device=embeds.device)
+        return self._run(embeds, positions, cache, attend_cache=False, attn_mask=None)
+
+    def decode(self, embeds: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
+        """``embeds`` (B, S, C) at integer ``positions`` (S,) (a device tensor), over the full cache.
+
+        Each query sees the cache slots up to and including its own position; the caller guarantees
+        that the slots before ``positions`` hold this generation's keys/values.
+        """
+        self._check_cache(embeds, cache)
+        slots = torch.arange(cache.max_len, device=embeds.device)
+        attn_mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, S, max_len)
+        return self._run(embeds, positions, cache, attend_cache=True, attn_mask=attn_mask)
