@@ -75,6 +75,10 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str,
     converted = {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype and v.is_floating_point() else v
                  for k, v in state.items()}
     module.load_state_dict(converted, strict=True, assign=True)
+    left_on_meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if left_on_meta:
+        raise CheckpointError(f"{what}: tensors not materialised by the checkpoint (built on the meta "
+                              f"device and not in the state dict): {left_on_meta[:10]}")
     return module
 
 

@@ -99,7 +99,8 @@ class S3Gen(nn.Module):
         self.speaker_encoder = CAMPPlus(cfg.speaker_encoder)
         self.flow = S3GenFlow(cfg.flow)
         self.mel2wav = HiFTGenerator(cfg.hift)
-        self.register_buffer("trim_fade", trim_fade_window(cfg), persistent=False)
+        # created on the CPU explicitly, so a model built on the meta device still has its value
+        self.register_buffer("trim_fade", trim_fade_window(cfg, device="cpu"), persistent=False)
 
     @property
     def device(self) -> torch.device:
@@ -135,17 +136,14 @@ class S3Gen(nn.Module):
                         embedding=embedding)
 
     # ---------------------------------------------------------------- rendering
-    def total_frames(self, ref: S3GenRef, n_tokens: int) -> int:
-        return self.cfg.mel_frames_per_token * (ref.prompt_token.shape[1] + n_tokens)
+    def draw_cfm_noise(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The CFM start-noise table (1, 80, noise_frames), drawn on the CPU generator, then moved.
 
-    def draw_cfm_noise(self, n_frames: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Start noise for the CFM, (1, 80, n_frames), drawn on the CPU generator then moved.
-
-        Index it by absolute frame (prompt frames first): a stream that slices the same table
-        renders exactly what a one-shot call renders.
+        Calls use its first T frames, indexed by absolute frame (prompt frames first); drawing the
+        whole table every time keeps a frame's noise independent of the utterance length, so a
+        stream that slices the same table renders exactly what a one-shot call renders.
         """
-        n_frames = n_frames or self.cfg.noise_frames
-        noise = torch.randn((1, self.cfg.flow.n_mels, n_frames), generator=generator)
+        noise = torch.randn((1, self.cfg.flow.n_mels, self.cfg.noise_frames), generator=generator)
         return noise.to(self.device)
 
     def flow_inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
@@ -154,7 +152,7 @@ class S3Gen(nn.Module):
         """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only."""
         tokens = self._check_tokens(speech_tokens)
         if cfm_noise is None:
-            cfm_noise = self.draw_cfm_noise(self.total_frames(ref, tokens.shape[1]), generator)
+            cfm_noise = self.draw_cfm_noise(generator)
         return self.flow(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, cfm_noise,
                          finalize=finalize, n_timesteps=n_timesteps)
 

@@ -1,0 +1,212 @@
+"""The public text-to-speech pipeline: ``ChatterboxTTS`` (drop-in for upstream's class)."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CONDS_FILE, TOKENIZER_FILE
+from .conditionals import Conditionals
+from .loader import Models, download_checkpoint, load_models_from_dir, load_synthetic_models, resolve_device
+from .models.s3gen.s3gen import S3Gen
+from .models.t3.sampling import RESEMBLE_ORDER
+from .models.t3.t3 import T3
+from .models.voice_encoder import VoiceEncoder
+from .opt import OptConfig, autograd_context
+from .synthetic import NOT_SPEECH_WARNING
+from .text import EnTokenizer, TextSplitConfig, drop_invalid_tokens, punc_norm, split_text
+from .timing import StageTimer
+from .voice import VoiceConfig, prepare_conditionals, synthetic_reference
+from .watermark import Watermarker, watermark_available
+
+log = logging.getLogger(__name__)
+
+S3GEN_SR = 24000
+S3_SR = 16000
+_SEED_RANGE = 2**62
+
+
+@dataclass
+class SynthesisResult:
+    wav: torch.Tensor  # (1, L) float32 on the CPU, an ordinary tensor the caller owns
+    speech_tokens: list[torch.Tensor] = field(default_factory=list)  # per text segment, (N,) as rendered
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seed: int = 0
+    segments: list[str] = field(default_factory=list)
+
+
+class ChatterboxTTS:
+    ENC_COND_LEN = 6 * S3_SR
+    DEC_COND_LEN = 10 * S3GEN_SR
+
+    def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: EnTokenizer,
+                 device: str | torch.device, conds: Conditionals | None = None,
+                 opt: OptConfig | None = None, synthetic: bool = False) -> None:
+        self.sr = S3GEN_SR
+        self.t3 = t3
+        self.s3gen = s3gen
+        self.ve = ve
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.conds = conds
+        self.synthetic = synthetic
+        self.voice_cfg = VoiceConfig.published()
+        self.split_cfg = TextSplitConfig.published()
+        self._watermarker: Watermarker | None = None
+        self.opt = OptConfig.reference()
+        self.set_opt(opt or OptConfig.reference())
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_local(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu",
+                   opt: OptConfig | None = None) -> "ChatterboxTTS":
+        """Load ``ve``, ``t3_cfg``, ``s3gen`` (.safetensors or .pt), ``tokenizer.json`` and, when present,
+        the built-in voice ``conds.pt`` from a directory. Keys and shapes are checked strictly."""
+        device = resolve_device(device)
+        ckpt_dir = Path(ckpt_dir)
+        models = load_models_from_dir(ckpt_dir, device)
+        tokenizer = EnTokenizer(ckpt_dir / TOKENIZER_FILE)
+        conds_path = ckpt_dir / CONDS_FILE
+        conds = Conditionals.load(conds_path).to(device) if conds_path.is_file() else None
+        return cls(models.t3, models.s3gen, models.ve, tokenizer, device, conds=conds, opt=opt)
+
+    @classmethod
+    def from_pretrained(cls, device: str | torch.device = "cpu", opt: OptConfig | None = None) -> "ChatterboxTTS":
+        """Download (or reuse from the Hugging Face cache) the published checkpoint and load it."""
+        resolve_device(device)
+        return cls.from_local(download_checkpoint(), device, opt=opt)
+
+    @classmethod
+    def from_synthetic(cls, device: str | torch.device = "cpu", salt: int = 0,
+                       opt: OptConfig | None = None) -> "ChatterboxTTS":
+        """The embedded default: full-size models with deterministic synthetic weights.
+
+        Everything runs as with real weights, but the output is NOT speech.
+        """
+        import tempfile
+
+        from .text_vocab import write_tokenizer_json
+
+        device = resolve_device(device)
+        log.warning(NOT_SPEECH_WARNING)
+        models: Models = load_synthetic_models(device, salt=salt)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = EnTokenizer(write_tokenizer_json(Path(tmp) / TOKENIZER_FILE))
+        tts = cls(models.t3, models.s3gen, models.ve, tokenizer, device, opt=opt, synthetic=True)
+        tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+        return tts
+
+    def set_opt(self, opt: OptConfig) -> None:
+        """Switch optimisation settings on the loaded model (passes are applied to the modules)."""
+        from .opt import apply_opt
+
+        apply_opt(self, opt)
+        self.opt = opt
+
+    # ------------------------------------------------------------------ voice
+    def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5,
+                             sample_rate: int | None = None) -> Conditionals:
+        """Make the voice from a reference recording (file path, or array/tensor + ``sample_rate``)."""
+        with autograd_context(self.opt.autograd_mode):
+            conds = prepare_conditionals(self.s3gen, self.ve, wav_fpath, exaggeration, sample_rate, self.voice_cfg)
+        self.conds = conds
+        return conds
+
+    def _resolve_conds(self, audio_prompt_path, exaggeration: float) -> Conditionals:
+        if audio_prompt_path is not None:
+            self.prepare_conditionals(audio_prompt_path, exaggeration=exaggeration)
+        elif self.conds is None:
+            raise ValueError("no voice: call prepare_conditionals(...) first or pass audio_prompt_path")
+        if float(self.conds.t3.emotion_adv.reshape(-1)[0]) != float(exaggeration):
+            self.conds = self.conds.with_exaggeration(exaggeration)
+        return self.conds
+
+    # ------------------------------------------------------------------ text
+    def count_text_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(punc_norm(text)))
+
+    def text_segments(self, text: str) -> list[str]:
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return split_text(text, self.count_text_tokens, self.split_cfg)
+
+    def text_tokens(self, text: str) -> torch.Tensor:
+        """Normalised text -> the CFG pair (2, n + 2) with start and stop text tokens."""
+        ids = self.tokenizer.text_to_tokens(punc_norm(text)).to(self.device)
+        ids = F.pad(ids, (1, 0), value=self.t3.cfg.start_text_token)
+        ids = F.pad(ids, (0, 1), value=self.t3.cfg.stop_text_token)
+        return torch.cat([ids, ids], dim=0).long()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, text: str, repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
+                 audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
+                 temperature: float = 0.8, max_new_tokens: int = 1000, seed: int | None = None,
+                 watermark: bool | None = None) -> torch.Tensor:
+        """Speak ``text``; returns a (1, samples) float32 CPU tensor at ``self.sr``."""
+        return self.synthesize(text, repetition_penalty=repetition_penalty, min_p=min_p, top_p=top_p,
+                               audio_prompt_path=audio_prompt_path, exaggeration=exaggeration,
+                               cfg_weight=cfg_weight, temperature=temperature, max_new_tokens=max_new_tokens,
+                               seed=seed, watermark=watermark).wav
+
+    def synthesize(self, text: str, repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,
+                   audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
+                   temperature: float = 0.8, max_new_tokens: int = 1000, seed: int | None = None,
+                   watermark: bool | None = None, timer: StageTimer | None = None) -> SynthesisResult:
+        """``generate`` with its by-products: speech tokens, per-stage timings, the seed used."""
+        segments = self.text_segments(text)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        seed = self._seed(seed)
+        timer = timer or StageTimer(self.device)
+        sample_gen = torch.Generator(device=self.device).manual_seed(seed)
+        noise_gen = torch.Generator().manual_seed(seed)
+        wavs, tokens_out = [], []
+        with autograd_context(self.opt.autograd_mode):
+            with timer.stage("conditionals"):
+                conds = self._resolve_conds(audio_prompt_path, exaggeration)
+            cfm_noise = self.s3gen.draw_cfm_noise(noise_gen)
+            for segment in segments:
+                with timer.stage("t3"):
+                    speech = self.t3.inference(
+                        conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
+                        cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                        order=RESEMBLE_ORDER, generator=sample_gen, stop_check_every=self.opt.stop_check_every)
+                tokens = drop_invalid_tokens(speech[0])
+                tokens_out.append(tokens)
+                if tokens.numel() == 0:
+                    log.warning("T3 produced no renderable speech tokens for %r; segment skipped", segment)
+                    continue
+                with timer.stage("flow"):
+                    mel = self.s3gen.flow_inference(tokens, conds.gen, cfm_noise=cfm_noise,
+                                                    n_timesteps=self.opt.cfm_steps)
+                with timer.stage("hift"):
+                    wav, _ = self.s3gen.hift_inference(mel, generator=sample_gen)
+                    wavs.append(self.s3gen.apply_trim_fade(wav))
+            wav = torch.cat(wavs, dim=-1) if wavs else torch.zeros(1, 0, device=self.device)
+        wav = wav.detach().float().to("cpu").clone()  # a plain tensor, made outside the autograd-mode context
+        tokens_out = [t.detach().to("cpu").clone() for t in tokens_out]
+        if watermark is None:
+            watermark = watermark_available()
+        if watermark:
+            with timer.stage("watermark"):
+                wav = self._watermark(wav)
+        return SynthesisResult(wav=wav, speech_tokens=tokens_out, timings=timer.summary(), seed=seed,
+                               segments=segments)
+
+    def _watermark(self, wav: torch.Tensor) -> torch.Tensor:
+        if self._watermarker is None:
+            self._watermarker = Watermarker()
+        return self._watermarker.apply(wav, self.sr)
+
+    @staticmethod
+    def _seed(seed: int | None) -> int:
+        if seed is None:
+            # drawn from torch's global generator, so torch.manual_seed(...) still makes runs repeatable
+            return int(torch.randint(0, _SEED_RANGE, (1,)))
+        if not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        return int(seed)

@@ -1,0 +1,70 @@
+"""Turning a reference recording into a voice (``Conditionals``) the way upstream's
+``ChatterboxTTS.prepare_conditionals`` does."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import load_reference, resample_soxr
+from .conditionals import Conditionals
+from .models.s3gen.s3gen import S3Gen
+from .models.t3.cond import T3Cond
+from .models.voice_encoder import VoiceEncoder
+
+
+@dataclass(frozen=True)
+class VoiceConfig:
+    s3gen_sample_rate: int = 24000
+    tokenizer_sample_rate: int = 16000
+    # S3Gen sees at most 10 s of reference; T3's speech prompt comes from the first 6 s.
+    s3gen_reference_seconds: float = 10.0
+    t3_reference_seconds: float = 6.0
+    t3_prompt_tokens: int = 150
+
+    @classmethod
+    def published(cls) -> "VoiceConfig":
+        return cls()
+
+
+def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path | np.ndarray | torch.Tensor,
+                         exaggeration: float = 0.5, sample_rate: int | None = None,
+                         cfg: VoiceConfig = VoiceConfig()) -> Conditionals:
+    """Reference audio (a file path, or a 1-D/2-D array or tensor with its ``sample_rate``) -> voice.
+
+    The 24 kHz signal is read (and resampled) as librosa does; the 16 kHz copy for T3's prompt
+    tokens and the voice encoder is made with soxr, while S3Gen's reference embedding resamples
+    with torchaudio, both as upstream.
+    """
+    ref_24k = load_reference(wav_or_path, sample_rate, cfg.s3gen_sample_rate)  # (L,) float32
+    ref_16k = resample_soxr(ref_24k, cfg.s3gen_sample_rate, cfg.tokenizer_sample_rate)
+    device = s3gen.device
+    s3gen_ref = s3gen.embed_ref(ref_24k[: int(cfg.s3gen_reference_seconds * cfg.s3gen_sample_rate)],
+                                cfg.s3gen_sample_rate)
+    t3_prompt = torch.from_numpy(ref_16k[: int(cfg.t3_reference_seconds * cfg.tokenizer_sample_rate)]).to(device)
+    prompt_tokens, _ = s3gen.tokenizer([t3_prompt], max_len=cfg.t3_prompt_tokens)  # (1, <=150)
+    speaker = ve.embeds_from_wavs([ref_16k], sample_rate=cfg.tokenizer_sample_rate).mean(0, keepdim=True)
+    t3_cond = T3Cond(
+        speaker_emb=speaker.to(device),
+        cond_prompt_speech_tokens=prompt_tokens,
+        emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=device),
+    )
+    return Conditionals(t3_cond, s3gen_ref)
+
+
+def synthetic_reference(seconds: float = 8.0, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:
+    """A deterministic, voice-like test signal (gliding harmonics, syllable-rate envelope, breath noise).
+
+    It stands in for a reference recording where none exists (the built-in voice of the synthetic
+    checkpoint, tests); it is not speech.
+    """
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    f0 = 120.0 + 30.0 * np.sin(2 * np.pi * 0.4 * t) + 10.0 * np.sin(2 * np.pi * 3.1 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sample_rate
+    voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+    envelope = 0.5 * (1 + np.sin(2 * np.pi * 4.0 * t)) * (0.6 + 0.4 * np.sin(2 * np.pi * 0.3 * t))
+    wav = envelope * voiced + 0.02 * rng.standard_normal(t.shape)
+    return (0.5 * wav / np.abs(wav).max()).astype(np.float32)
