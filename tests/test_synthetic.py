@@ -94,3 +94,14 @@ def test_read_state_dict_formats_and_errors(tmp_path):
         read_state_dict(tmp_path / "broken.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         read_state_dict(tmp_path / "absent.safetensors")
+
+
+def test_built_models_match_the_published_checkpoint_layout_in_order():
+    from chatterbox.loader import build_models
+
+    models = build_models()
+    files = MANIFEST["files"]
+    for stem, module in (("ve", models.ve), ("t3_cfg", models.t3), ("s3gen", models.s3gen)):
+        ours = [(k, list(v.shape), str(v.dtype).replace("torch.", "")) for k, v in module.state_dict().items()]
+        published = [(e["key"], e["shape"], e["dtype"]) for e in files[f"{stem}.safetensors"]["entries"]]
+        assert ours == published, stem

@@ -54,7 +54,7 @@ def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path
     return Conditionals(t3_cond, s3gen_ref)
 
 
-def synthetic_reference(seconds: float = 8.0, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:
+def synthetic_reference(seconds: float = 4.0, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:
     """A deterministic, voice-like test signal (gliding harmonics, syllable-rate envelope, breath noise).
 
     It stands in for a reference recording where none exists (the built-in voice of the synthetic

@@ -147,8 +147,9 @@ class ConformerLayer(nn.Module):
         super().__init__()
         self.self_attn = RelPosSelfAttention(cfg)
         self.feed_forward = FeedForward(cfg)
-        self.norm_mha = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        # norm_ff before norm_mha: the published checkpoint's key order
         self.norm_ff = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm_mha = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         # x: (B, T, d)

@@ -85,12 +85,13 @@ class UpsampleConformerEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = LinearInput(cfg.input_dim, cfg.layer, cfg.norm_eps)
+        # registered here so the state dict lists keys in the published checkpoint's order
+        self.after_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.pre_lookahead_layer = PreLookahead(cfg)
         self.encoders = nn.ModuleList(ConformerLayer(cfg.layer) for _ in range(cfg.n_layers))
         self.up_layer = Upsample(cfg)
         self.up_embed = LinearInput(cfg.d_model, cfg.layer, cfg.norm_eps)
         self.up_encoders = nn.ModuleList(ConformerLayer(cfg.layer) for _ in range(cfg.n_up_layers))
-        self.after_norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, input_dim) unpadded token embeddings -> (B, stride*N, d)."""
