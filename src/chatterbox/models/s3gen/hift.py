@@ -53,6 +53,12 @@ class HiFTConfig:
     snake_eps: float = 1e-9
     max_magnitude: float = 100.0
     audio_limit: float = 0.99
+    # Evaluate the F0 predictor in float64 (result rounded to float32). The sine phase integrates
+    # F0 over the whole utterance, so a one-ulp F0 difference becomes a growing phase drift; fp32
+    # conv kernels (oneDNN, cuDNN, TF32) round differently depending on the sequence length, which
+    # would make a streamed F0 (computed on windows) differ from the one-shot one. In float64
+    # those differences vanish once rounded, and the F0 stays within its fixture tolerance.
+    f0_float64: bool = True
     f0: F0PredictorConfig = field(default_factory=F0PredictorConfig.published)
     source: SourceConfig = field(default_factory=SourceConfig.published)
 
@@ -64,7 +70,7 @@ class HiFTConfig:
             resblock_kernel_sizes=(3, 7, 11), resblock_dilations=((1, 3, 5),) * 3,
             source_resblock_kernel_sizes=(7, 7, 11), source_resblock_dilations=((1, 3, 5),) * 3,
             istft_n_fft=16, istft_hop=4, lrelu_slope=0.1, post_lrelu_slope=0.01, snake_eps=1e-9,
-            max_magnitude=100.0, audio_limit=0.99,
+            max_magnitude=100.0, audio_limit=0.99, f0_float64=True,
             f0=F0PredictorConfig.published(), source=SourceConfig.published(),
         )
 
@@ -185,17 +191,41 @@ class HiFTGenerator(nn.Module):
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def f0(self, mel: torch.Tensor) -> torch.Tensor:
-        """mel (B, n_mels, T) -> F0 in Hz (B, T), float32."""
-        return self.f0_predictor(mel)
+        """mel (B, n_mels, T) -> F0 in Hz (B, T), float32 (see ``HiFTConfig.f0_float64``)."""
+        predictor = self.f0_predictor
+        if not self.cfg.f0_float64:
+            return predictor(mel)
+        if mel.dim() != 3 or mel.shape[1] != predictor.cfg.in_channels:
+            raise ValueError(f"F0 predictor expects mel (B, {predictor.cfg.in_channels}, T), got {tuple(mel.shape)}")
+        # The effective (weight-normed) weights are taken in their own dtype and cast per call, so a
+        # folded and a parametrized module agree, and no float64 copy is kept on the module.
+        x = mel.double()  # (B, n_mels, T)
+        for layer in predictor.condnet:
+            if isinstance(layer, nn.Conv1d):
+                x = F.conv1d(x, layer.weight.double(), layer.bias.double(), layer.stride, layer.padding,
+                             layer.dilation, layer.groups)
+            else:
+                x = layer(x)
+        logits = F.linear(x.transpose(1, 2), predictor.classifier.weight.double(),
+                          predictor.classifier.bias.double())  # (B, T, 1)
+        return logits.squeeze(-1).abs().float()  # (B, T), as F0Predictor.forward
 
     # -- stage 2 ---------------------------------------------------------------------------------
-    def source_from_f0(self, f0: torch.Tensor, noise: SourceNoise) -> torch.Tensor:
-        """Per-frame F0 (B, T) -> excitation (B, 1, T * samples_per_frame)."""
+    def f0_samples(self, f0: torch.Tensor) -> torch.Tensor:
+        """Per-frame F0 (B, T) -> per-sample F0 (B, T * samples_per_frame), float32."""
         if f0.dim() != 2:
-            raise ValueError(f"source_from_f0 expects f0 (B, T), got {tuple(f0.shape)}")
+            raise ValueError(f"HiFT expects f0 (B, T), got {tuple(f0.shape)}")
         # nearest-neighbour upsampling by an integer factor, bit-equal to upstream's nn.Upsample
-        f0_samples = f0.float().repeat_interleave(self.cfg.samples_per_frame, dim=-1)  # (B, L)
-        return self.m_source(f0_samples, noise)
+        return f0.float().repeat_interleave(self.cfg.samples_per_frame, dim=-1)
+
+    def source_from_f0(self, f0: torch.Tensor, noise: SourceNoise,
+                       cycles_start: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-frame F0 (B, T) -> excitation (B, 1, T * samples_per_frame).
+
+        ``cycles_start`` (B, num_harmonics) float64 continues the sine phase of a signal whose
+        earlier samples are not part of ``f0`` (streaming; see ``source.running_cycles``).
+        """
+        return self.m_source(self.f0_samples(f0), noise, cycles_start)
 
     # -- stage 3 ---------------------------------------------------------------------------------
     def source_spectrum(self, source: torch.Tensor) -> torch.Tensor:

@@ -79,26 +79,49 @@ class SourceNoise:
             )
 
 
-def harmonic_sines(f0: torch.Tensor, noise: SourceNoise, cfg: SourceConfig) -> torch.Tensor:
-    """Sample-rate F0 (B, L) in Hz -> noisy harmonic sines (B, H, L), computed in float32.
+def harmonic_cycles(f0: torch.Tensor, cfg: SourceConfig) -> torch.Tensor:
+    """Sample-rate F0 (B, L) in Hz -> cycles advanced per sample by each harmonic, (B, H, L) float32."""
+    f0 = f0.float().unsqueeze(1)  # (B, 1, L)
+    multiples = torch.arange(1, cfg.num_harmonics + 1, device=f0.device, dtype=torch.float32).view(1, -1, 1)
+    return f0 * multiples / cfg.sample_rate
 
-    The per-harmonic phase is the running sum of F0 / sample_rate taken modulo 1 *after* the sum
-    (upstream's order); float32 is kept on purpose because the sum runs over the whole signal.
+
+def running_cycles(cycles: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-harmonic running sum of ``cycles`` (B, H, L), in float64: (B, H, L).
+
+    ``start`` (B, H) float64 is the sum over every sample before the first one (a stream's carried
+    phase); None means the signal starts here. Summing in float64 on every device makes a split sum
+    (carried start, then the rest) repeat the one-shot additions exactly, and on CPU equals torch's
+    float32 cumsum (which accumulates in double) once rounded, so the one-shot numerics are unchanged.
+    """
+    cycles = cycles.double()
+    if start is None:
+        return torch.cumsum(cycles, dim=-1)
+    if start.shape != cycles.shape[:2]:
+        raise ValueError(f"running_cycles: start {tuple(start.shape)} does not fit cycles {tuple(cycles.shape)}")
+    # Prepending the start keeps one sequential chain of additions, as in the unsplit sum.
+    return torch.cumsum(torch.cat([start.double().unsqueeze(-1), cycles], dim=-1), dim=-1)[..., 1:]
+
+
+def harmonic_sines(f0: torch.Tensor, noise: SourceNoise, cfg: SourceConfig,
+                   cycles_start: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample-rate F0 (B, L) in Hz -> noisy harmonic sines (B, H, L), float32.
+
+    The per-harmonic phase is the running sum of F0 / sample_rate, rounded to float32 and taken
+    modulo 1 *after* the sum (upstream's order and rounding). ``cycles_start`` (B, H) float64
+    continues a signal whose earlier samples summed to it (see ``running_cycles``).
     """
     if f0.dim() != 2:
         raise ValueError(f"harmonic_sines expects f0 (B, L), got {tuple(f0.shape)}")
     batch, length = f0.shape
     noise.check(batch, cfg.num_harmonics, length)
-    f0 = f0.float().unsqueeze(1)  # (B, 1, L)
-    multiples = torch.arange(1, cfg.num_harmonics + 1, device=f0.device, dtype=torch.float32).view(1, -1, 1)
-    cycles_per_sample = f0 * multiples / cfg.sample_rate  # (B, H, L)
-    theta = _TWO_PI * (torch.cumsum(cycles_per_sample, dim=-1) % 1)
+    theta = _TWO_PI * (running_cycles(harmonic_cycles(f0, cfg), cycles_start).float() % 1)  # (B, H, L)
 
     phase = _PHASE_LOW + noise.phase_uniform.float() * _PHASE_SPAN  # (B, H, 1)
     phase = torch.cat([torch.zeros_like(phase[:, :1]), phase[:, 1:]], dim=1)
     sines = cfg.sine_amp * torch.sin(theta + phase)
 
-    voiced = (f0 > cfg.voiced_threshold_hz).float()  # (B, 1, L)
+    voiced = (f0.float().unsqueeze(1) > cfg.voiced_threshold_hz).float()  # (B, 1, L)
     noise_amp = voiced * cfg.voiced_noise_std + (1 - voiced) * cfg.sine_amp / _UNVOICED_STD_DIVISOR
     return sines * voiced + noise_amp * noise.sine_noise.float()  # (B, H, L)
 
@@ -111,7 +134,8 @@ class SineSource(nn.Module):
         self.cfg = cfg
         self.l_linear = nn.Linear(cfg.num_harmonics, _SOURCE_CHANNELS)
 
-    def forward(self, f0_samples: torch.Tensor, noise: SourceNoise) -> torch.Tensor:
-        sines = harmonic_sines(f0_samples, noise, self.cfg)  # (B, H, L)
+    def forward(self, f0_samples: torch.Tensor, noise: SourceNoise,
+                cycles_start: torch.Tensor | None = None) -> torch.Tensor:
+        sines = harmonic_sines(f0_samples, noise, self.cfg, cycles_start)  # (B, H, L)
         merged = self.l_linear(sines.transpose(1, 2).to(self.l_linear.weight.dtype))  # (B, L, 1)
         return torch.tanh(merged).transpose(1, 2)  # (B, 1, L)
