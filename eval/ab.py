@@ -1,0 +1,364 @@
+"""A/B evaluation of optimisation configurations, in one process on one loaded model.
+
+    python -m eval.ab --device cuda --configs reference,fast,reference+t3.dtype=bfloat16 \\
+        [--text-set short,long] [--reps N] [--out eval/results/NAME] [--ckpt DIR] [--upstream PATH]
+    python -m eval.ab --quick          # CPU smoke run: tiny token budget, one rep
+
+Phases: (1) fidelity, once per configuration, reference first: T3 tokens under the fixed seed and
+the reference's tokens rendered through this configuration's S3Gen (same CFM and source noise);
+(2) warm-up per configuration; (3) ``--reps`` rounds, configurations interleaved (A B A B ...),
+each round: set_opt, synthesize and stream every text set, time prepare_conditionals on a 10 s
+reference, record peak GPU memory. Output: NAME.json, NAME.md, NAME-latency.png, NAME-stages.png.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import report, stages
+from .texts import QUICK_MAX_NEW_TOKENS, TEXT_SETS, TextCase, reference_audio, text_cases
+
+log = logging.getLogger("eval.ab")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = "chatterbox-fast/ab/1"
+QUICK_CONFIGS = "reference,reference+autograd_mode=no_grad"
+QUICK_CHUNK_SIZE = 4
+
+
+# ---------------------------------------------------------------------------------------- configs
+def resolve_config(spec: str):
+    """An ``OptConfig`` from a spec ("reference", "fast", "reference+t3.dtype=bfloat16", ...)."""
+    from chatterbox.opt import OptConfig
+
+    if hasattr(OptConfig, "parse"):
+        return OptConfig.parse(spec)
+    if spec == "reference":
+        return OptConfig.reference()
+    if "+" not in spec and "=" not in spec and callable(getattr(OptConfig, spec, None)):
+        return getattr(OptConfig, spec)()
+    raise ValueError(f"cannot build {spec!r}: this checkout's OptConfig has no parse()")
+
+
+def resolve_configs(specs: list[str]) -> tuple[list[tuple[str, object]], list[dict]]:
+    """[(name, OptConfig)] with reference first (added when absent), and the skipped ones."""
+    if report.REFERENCE not in specs:
+        specs = [report.REFERENCE] + specs
+    specs = [report.REFERENCE] + [s for s in dict.fromkeys(specs) if s != report.REFERENCE]
+    ok, skipped = [], []
+    for spec in specs:
+        try:
+            ok.append((spec, resolve_config(spec)))
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("config %s skipped: %s", spec, exc)
+            skipped.append({"name": spec, "reason": str(exc)})
+    return ok, skipped
+
+
+def opt_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else {"repr": repr(cfg)}
+
+
+# ---------------------------------------------------------------------------------------- environment
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    env = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "python": platform.python_version(), "platform": platform.platform(),
+           "cpu_threads": torch.get_num_threads(), "git_commit": _git("rev-parse", "HEAD"),
+           "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+           "device_name": platform.processor() or platform.machine(), "driver": None}
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        env["device_memory_gb"] = props.total_memory / stages.GB
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            env["driver"] = out[device.index or 0] if out else None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return env
+
+
+# ---------------------------------------------------------------------------------------- phases
+def fidelity_phase(tts, configs, cases: list[TextCase], args) -> tuple[dict, dict, list[dict]]:
+    """Per config and text, through the pipeline under the fixed seed: its tokens against the
+    reference's, and the reference's tokens rendered by its S3Gen. Returns (fidelity figures for the
+    JSON, per config/text (generated token count, whether exact, rendered tokens), failed configs)."""
+    fid: dict = {}
+    tokens: dict = {}
+    ref: dict = {}
+    failed: list[dict] = []
+    for name, cfg in configs:
+        try:
+            tts.set_opt(cfg)
+            fid[name], tokens[name] = _fidelity_of(tts, name, cases, args, ref)
+        except (RuntimeError, ValueError, NotImplementedError) as exc:
+            if name == report.REFERENCE:
+                raise
+            log.warning("config %s dropped: %s", name, exc)
+            failed.append({"name": name, "reason": f"{type(exc).__name__}: {exc}"})
+    return fid, tokens, failed
+
+
+def _fidelity_of(tts, name: str, cases: list[TextCase], args, ref: dict) -> tuple[dict, dict]:
+    fid, tokens = {}, {}
+    for case in cases:
+        syn = stages.run_synthesize(tts, case, args.seed, watermark=False)
+        count, exact, raw = stages.generated_token_count(tts, case, args.seed, syn)
+        tokens[case.name] = (count, exact, syn.valid_tokens)
+        entry = {"t3_tokens": count, "t3_tokens_exact": exact, "valid_tokens": syn.valid_tokens.numel(),
+                 "tokens": (raw if raw is not None else syn.valid_tokens).tolist()}
+        if name == report.REFERENCE:
+            ref[case.name] = {"valid": syn.valid_tokens, "wav": syn.wav}
+        ref_case = ref[case.name]
+        # over the rendered tokens: the invalid ids are not always known (they never reach S3Gen)
+        entry["token_agreement"] = stages.token_agreement(ref_case["valid"], syn.valid_tokens)
+        entry["e2e_wav_snr_db"] = stages.snr_db(ref_case["wav"], syn.wav)
+        if ref_case["valid"].numel():
+            mel, wav = stages.render(tts, ref_case["valid"], args.seed)
+            if name == report.REFERENCE:
+                ref_case.update(mel=mel, rwav=wav)
+            entry["mel_snr_db"] = stages.snr_db(ref_case["mel"], mel)
+            entry["wav_snr_db"] = stages.snr_db(ref_case["rwav"], wav)
+        else:
+            entry["note"] = "reference produced no renderable tokens"
+        fid[case.name] = entry
+        log.info("fidelity %s/%s: %d tokens, agreement %.3f, wav SNR %s dB", name, case.name, count,
+                 entry["token_agreement"], entry.get("wav_snr_db"))
+    return fid, tokens
+
+
+def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, args, ref_audio) -> list[dict]:
+    """One round of one configuration; returns its samples."""
+    dev = tts.device
+    t0 = time.perf_counter()
+    tts.set_opt(cfg)
+    out = [{"kind": "set_opt", "config": name, "rep": rep, "seconds": time.perf_counter() - t0}]
+    stages.reset_peak_memory(dev)
+    stream_why = stages.stream_supported(tts)
+    for case in cases:
+        count, exact, valid = tokens[name][case.name]
+        syn = stages.run_synthesize(tts, case, args.seed, args.watermark)
+        if syn.generated is not None:
+            n, exact = syn.generated, True
+        else:  # the fidelity phase's count holds while the run repeats its tokens; else a lower bound
+            exact = exact and torch.equal(syn.valid_tokens, valid)
+            n = count if exact else syn.valid_tokens.numel()
+        sample = {"kind": "synth", "config": name, "rep": rep, "text": case.name, "total_s": syn.total_s,
+                  "audio_s": syn.audio_s, "stages": syn.stages, "t3_tokens": n, "t3_tokens_exact": exact,
+                  "t3_prefill_s": stages.t3_prefill_seconds(tts, case, args.seed),
+                  "flow_encoder_s": (stages.flow_encoder_seconds(tts, syn.valid_tokens)
+                                     if syn.valid_tokens.numel() else math.nan)}
+        out.append(sample)
+        if stream_why is None:
+            st = stages.run_stream(tts, case, args.seed, args.chunk_size, args.context_window, args.watermark)
+            out.append({"kind": "stream", "config": name, "rep": rep, "text": case.name, "ttfa_s": st.ttfa_s,
+                        "total_s": st.total_s, "audio_s": st.audio_s, "chunks": st.chunks, "metrics": st.metrics})
+    out.append({"kind": "conds", "config": name, "rep": rep,
+                "prepare_conditionals_s": stages.prepare_conditionals_seconds(tts, *ref_audio)})
+    out.append({"kind": "memory", "config": name, "rep": rep, "peak_mem_gb": stages.peak_memory_gb(dev)})
+    return out
+
+
+def run_matrix(tts, configs, cases: list[TextCase], args, ref_audio) -> tuple[list[dict], dict, list[dict]]:
+    """All phases; returns (samples, fidelity, configs dropped because set_opt or a run failed)."""
+    fidelity, tokens, failed = fidelity_phase(tts, configs, cases, args)
+    live = [(n, c) for n, c in configs if n in tokens]
+    for name, cfg in list(live):
+        for _ in range(args.warmup):
+            try:
+                measure(tts, name, cfg, cases, tokens, -1, args, ref_audio)
+            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                if name == report.REFERENCE:
+                    raise
+                log.warning("config %s dropped: warm-up failed: %s", name, exc)
+                failed.append({"name": name, "reason": f"warm-up failed: {type(exc).__name__}: {exc}"})
+                live.remove((name, cfg))
+                break
+    samples: list[dict] = []
+    for rep in range(args.reps):
+        for name, cfg in live:
+            samples += measure(tts, name, cfg, cases, tokens, rep, args, ref_audio)
+        log.info("round %d/%d done", rep + 1, args.reps)
+    tts.set_opt(configs[0][1])
+    return samples, fidelity, failed
+
+
+# ---------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m eval.ab", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; cpu with --quick)")
+    ap.add_argument("--configs", default=None, help="comma-separated OptConfig specs (reference is always run)")
+    ap.add_argument("--text-set", default=None, help=f"comma-separated text sets: {', '.join(TEXT_SETS)}")
+    ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds per config (default 1; 0 with --quick)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=None, help="override every text set's token bound")
+    ap.add_argument("--chunk-size", default="25", help="streaming chunk size: N or a schedule N,N,... (default 25)")
+    ap.add_argument("--context-window", type=int, default=50)
+    ap.add_argument("--watermark", action=argparse.BooleanOptionalAction, default=None,
+                    help="apply the Perth watermark (default: when resemble-perth is installed)")
+    ap.add_argument("--ckpt", type=Path, default=None, help="checkpoint directory (default: synthetic weights)")
+    ap.add_argument("--salt", type=int, default=0, help="synthetic-weights salt")
+    ap.add_argument("--ref-wav", type=Path, default=None, help="prepare_conditionals input (default: synthetic)")
+    ap.add_argument("--out", type=Path, default=None, help="output stem (default eval/results/ab-DEVICE-TIME)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run (CI)")
+    ap.add_argument("--upstream", type=Path, default=None, help="upstream chatterbox-streaming checkout")
+    ap.add_argument("--upstream-ckpt", type=Path, default=None, help="dir with ve.pt/t3_cfg.pt/s3gen.pt for upstream")
+    ap.add_argument("--upstream-python", default=None, help="interpreter with upstream's packages")
+    ap.add_argument("--no-plots", action="store_true")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.device = args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda")
+    args.configs = [c.strip() for c in (args.configs or (QUICK_CONFIGS if q else "reference,fast")).split(",") if c.strip()]
+    args.text_set = [t.strip() for t in (args.text_set or ("short" if q else "short,long")).split(",") if t.strip()]
+    args.reps = args.reps if args.reps is not None else (1 if q else 5)
+    args.warmup = args.warmup if args.warmup is not None else (0 if q else 1)
+    args.max_new_tokens = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if q else None)
+    if q and args.chunk_size == "25":
+        args.chunk_size = str(QUICK_CHUNK_SIZE)
+    sizes = [int(x) for x in args.chunk_size.split(",")]
+    args.chunk_size = sizes[0] if len(sizes) == 1 else sizes
+    if args.reps < 1 or args.warmup < 0:
+        ap.error("--reps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def load_tts(args, device: torch.device):
+    from chatterbox.tts import ChatterboxTTS
+
+    t0 = time.perf_counter()
+    if args.ckpt is not None:
+        tts = ChatterboxTTS.from_local(args.ckpt, device)
+        ck = {"kind": "local", "path": str(args.ckpt.resolve()),
+              "synthetic": (args.ckpt / "SYNTHETIC.txt").is_file()}
+    else:
+        tts = ChatterboxTTS.from_synthetic(device, salt=args.salt)
+        ck = {"kind": "synthetic", "salt": args.salt, "synthetic": True}
+    if tts.conds is None:
+        tts.prepare_conditionals(*reference_audio(args.ref_wav))
+        ck["voice"] = "prepared from the reference audio (no conds.pt)"
+    ck["load_s"] = time.perf_counter() - t0
+    return tts, ck
+
+
+def out_stem(args, device: torch.device) -> Path:
+    if args.out is not None:
+        return args.out.with_suffix("") if args.out.suffix == ".json" else args.out
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return ROOT / "eval" / "results" / f"ab-{'quick-' if args.quick else ''}{device.type}-{stamp}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from chatterbox.watermark import watermark_available
+
+    if args.watermark is None:
+        args.watermark = watermark_available()
+    device = torch.device(args.device)
+    cases = text_cases(args.text_set, args.max_new_tokens)
+    configs, skipped = resolve_configs(args.configs)
+    tts, checkpoint = load_tts(args, device)
+    for case in cases:
+        stages.single_segment(tts, case)
+    ref_audio = reference_audio(args.ref_wav)
+    notes = []
+    why = stages.stream_supported(tts)
+    if why:
+        notes.append(f"streaming figures skipped: {why}")
+    samples, fidelity, failed = run_matrix(tts, configs, cases, args, ref_audio)
+    names = [n for n, _ in configs if n not in {f["name"] for f in failed}]
+    result = {
+        "schema": SCHEMA,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, "-m", "eval.ab", *(argv if argv is not None else sys.argv[1:])]),
+        "env": environment(device),
+        "checkpoint": checkpoint,
+        "settings": {"reps": args.reps, "warmup": args.warmup, "seed": args.seed, "quick": args.quick,
+                     "chunk_size": args.chunk_size, "context_window": args.context_window,
+                     "watermark": args.watermark, "reference_seconds": len(ref_audio[0]) / ref_audio[1],
+                     "reference_audio": str(args.ref_wav) if args.ref_wav else "synthetic",
+                     "text_sets": {c.name: {"text": c.text, "max_new_tokens": c.max_new_tokens} for c in cases}},
+        "configs": [{"name": n, "opt": opt_dict(c)} for n, c in configs if n in names],
+        "skipped_configs": skipped + failed,
+        "samples": samples,
+        "fidelity": fidelity,
+        "notes": notes,
+    }
+    if checkpoint.get("synthetic"):
+        notes.append("synthetic weights: the output is not speech; every generation runs to max_new_tokens "
+                      "unless the stop token is sampled, and ids >= 6561 are generated but not rendered")
+    if args.upstream is not None:
+        result["upstream"] = upstream_block(args, cases, ref_audio, result)
+    result["summary"] = report.summarize(result)
+    write_outputs(result, out_stem(args, device), plots=not args.no_plots)
+    return 0
+
+
+def upstream_block(args, cases, ref_audio, result: dict) -> dict:
+    from .upstream import run_upstream, synthetic_pt_dir
+
+    ckpt = args.upstream_ckpt or args.ckpt
+    if ckpt is None:
+        ckpt, why = synthetic_pt_dir(args.salt)
+        if ckpt is None:
+            return {"status": "skipped", "reason": why}
+    up = run_upstream(args.upstream, ckpt, args.device, cases, seed=args.seed, reps=args.reps, warmup=args.warmup,
+                      chunk_size=args.chunk_size, context_window=args.context_window, reference_wav=ref_audio[0],
+                      reference_sr=ref_audio[1], python=args.upstream_python)
+    up["path"] = str(args.upstream)
+    if up.get("status") == "ok":
+        result["samples"] += up.pop("samples")
+        result["configs"].append({"name": report.UPSTREAM, "opt": None, "upstream": str(args.upstream)})
+    log.info("upstream: %s %s", up.get("status"), up.get("reason", ""))
+    return up
+
+
+def write_outputs(result: dict, stem: Path, plots: bool = True) -> dict[str, Path]:
+    """NAME.json first (the record), then NAME.md and the plots."""
+    import json
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = {"json": stem.with_name(stem.name + ".json"), "md": stem.with_name(stem.name + ".md")}
+    if plots:
+        try:
+            pngs, note = report.write_plots(result, stem)
+        except Exception as exc:  # a plotting problem must not cost the measurements
+            pngs, note = [], f"plots failed: {type(exc).__name__}: {exc}"
+        if note:
+            result["notes"].append(note)
+            log.warning(note)
+        for p in pngs:
+            paths[p.stem.rsplit("-", 1)[-1]] = p
+    paths["json"].write_text(json.dumps(report.jsonable(result), indent=1, allow_nan=False) + "\n")
+    md = report.markdown_report(result)
+    paths["md"].write_text(md)
+    print(md)
+    print("wrote " + ", ".join(str(p.relative_to(ROOT) if p.is_relative_to(ROOT) else p) for p in paths.values()))
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+#!/usr/bin/env python3
+"""Regenerate the measured tables inside patches/*.md from committed eval/results JSON files.
+
+    python scripts/patch_tables.py            # rewrite every table in patches/*.md in place
+    python scripts/patch_tables.py --check    # exit 1 when a table differs from its JSON
+    python scripts/patch_tables.py FILE.md ...
+
+A table lives between two markers; everything between them is owned by this script:
+
+    <!-- table:eval/results/NAME.json -->
+    <!-- /table -->
+
+    <!-- table:eval/results/NAME.json:reference,fast:t3_tokens_per_s,rtf,snr_db_vs_reference -->
+    <!-- /table -->
+
+    <!-- stages:eval/results/NAME.json:reference,fast -->
+    <!-- /stages -->
+
+``table`` renders the summary (optional config list, optional column list: see eval/report.py
+COLUMNS); ``stages`` renders the per-stage p50 times. Paths are relative to the repository root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from eval import report  # noqa: E402
+
+MARKER = re.compile(
+    r"(?P<open><!-- (?P<kind>table|stages):(?P<path>[^:\s>]+)(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
+    r"\n(?P<body>.*?)(?P<close><!-- /(?P=kind) -->)",
+    re.S,
+)
+
+
+class TableError(Exception):
+    pass
+
+
+def _split(field: str | None) -> list[str] | None:
+    items = [x for x in (field or "").split(",") if x]
+    return items or None
+
+
+def load_result(path: Path) -> dict:
+    if not path.is_file():
+        raise TableError(f"result file not found: {path}")
+    result = json.loads(path.read_text())
+    if "summary" not in result:
+        result["summary"] = report.summarize(result)
+    return result
+
+
+def render(kind: str, result: dict, configs: list[str] | None, columns: list[str] | None) -> str:
+    if kind == "stages":
+        sub = dict(result, summary={k: v for k, v in result["summary"].items() if not configs or k in configs})
+        return report.stage_table(sub)
+    try:
+        return report.markdown_table(result, configs, columns)
+    except KeyError as exc:
+        raise TableError(str(exc.args[0])) from exc
+
+
+def rewrite(text: str, root: Path = ROOT, cache: dict | None = None) -> str:
+    """``text`` with every marked table regenerated."""
+    cache = {} if cache is None else cache
+
+    def repl(m: re.Match) -> str:
+        path = (root / m["path"]).resolve()
+        if path not in cache:
+            cache[path] = load_result(path)
+        result = cache[path]
+        body = render(m["kind"], result, _split(m["configs"]), _split(m["columns"]))
+        return f"{m['open']}\n_{report.caption(result)}_\n\n{body}\n{m['close']}"
+
+    return MARKER.sub(repl, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path, help="markdown files (default: patches/*.md)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table drifted")
+    ap.add_argument("--root", type=Path, default=ROOT, help="where result paths are relative to")
+    args = ap.parse_args(argv)
+    files = args.files or sorted((args.root / "patches").glob("*.md"))
+    cache: dict = {}
+    drifted, tables = [], 0
+    for f in files:
+        text = f.read_text()
+        tables += len(MARKER.findall(text))
+        try:
+            new = rewrite(text, args.root, cache)
+        except (TableError, json.JSONDecodeError) as exc:
+            print(f"{f}: {exc}", file=sys.stderr)
+            return 2
+        if new != text:
+            drifted.append(f)
+            if not args.check:
+                f.write_text(new)
+    verb = "differ from their results" if args.check else "rewritten"
+    for f in drifted:
+        print(f"{f}: {verb}")
+    print(f"{tables} table(s) in {len(files)} file(s); {len(drifted)} file(s) {verb}")
+    return 1 if args.check and drifted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
