@@ -121,8 +121,10 @@ class ConditionalDecoder(nn.Module):
         if mask is not None and mask.shape != (x.shape[0], 1, x.shape[2]):
             raise ValueError(f"mask must be ({x.shape[0]}, 1, {x.shape[2]}), got {tuple(mask.shape)}")
 
+        # t may stay float32 under a lower-precision pass (1000 * t needs the mantissa); the features
+        # are cast to the activation dtype only after the sinusoids.
         t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
-        t_emb = self.time_mlp(t_feat)  # (B, time_embed_dim)
+        t_emb = self.time_mlp(t_feat.to(x.dtype))  # (B, time_embed_dim)
 
         spk_map = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, spk_dim, T)
         h = torch.cat([x, mu, spk_map, cond], dim=1)  # (B, in_channels, T)

@@ -36,7 +36,8 @@ def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Ten
         return None
     valid = mask.bool()  # (B, 1, T)
     valid = valid | (valid.sum(dim=-1, keepdim=True) == 0)
-    bias = (1.0 - valid.to(dtype)) * PADDED_KEY_BIAS
+    # built in float32 and cast once: in float16 the bias rounds to -inf, and 0 * -inf would be NaN
+    bias = ((1.0 - valid.float()) * PADDED_KEY_BIAS).to(dtype)
     return bias.unsqueeze(1)  # (B, 1, 1, T): broadcast over heads and queries
 
 

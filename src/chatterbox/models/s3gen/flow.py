@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cfm import CausalCFM, CFMConfig
+from .cfm import CausalCFM, CFMConfig, EstimatorFn
 from .encoder import UpsampleConformerEncoder, UpsampleConformerEncoderConfig
 
 
@@ -155,22 +155,27 @@ class S3GenFlow(nn.Module):
         return FlowConditioning(encoder_out=h, mu=mu, spks=spks, cond=cond, mask=mask, prompt_frames=n_prompt)
 
     def decode(self, c: FlowConditioning, noise: torch.Tensor, n_timesteps: int | None = None,
-               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """Run the CFM from ``noise`` (1, mel, >=T; its first T frames are used) -> mel (1, mel, T-F)."""
+               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+               estimator: EstimatorFn | None = None) -> torch.Tensor:
+        """Run the CFM from ``noise`` (1, mel, >=T; its first T frames are used) -> mel (1, mel, T-F).
+
+        ``estimator``: optional stand-in for the CFM's estimator module (see ``CausalCFM.forward``).
+        """
         total = c.total_frames
         if noise.dim() != 3 or noise.shape[1] != self.cfg.n_mels or noise.shape[2] < total:
             raise ValueError(f"noise must be (1, {self.cfg.n_mels}, >= {total}), got {tuple(noise.shape)}")
         if c.new_frames == 0:
             return c.mu.new_zeros(1, self.cfg.n_mels, 0)
         z = noise[:, :, :total].to(device=c.mu.device, dtype=c.mu.dtype)
-        feat = self.decoder(c.mu, c.mask, c.spks, c.cond, z, n_timesteps=n_timesteps, on_step=on_step)
+        feat = self.decoder(c.mu, c.mask, c.spks, c.cond, z, n_timesteps=n_timesteps, on_step=on_step,
+                            estimator=estimator)
         return feat[:, :, c.prompt_frames:]
 
     def forward(self, speech_tokens: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                 embedding: torch.Tensor, noise: torch.Tensor, finalize: bool = True,
                 n_timesteps: int | None = None,
                 on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                validate: bool = True) -> torch.Tensor:
+                validate: bool = True, estimator: EstimatorFn | None = None) -> torch.Tensor:
         """Speech tokens (1, N) + reference prompt -> mel (1, mel, T_total - F).
 
         T_total = ratio*(P+N), minus ``lookahead_frames`` when ``finalize`` is False. ``noise`` is the
@@ -180,4 +185,4 @@ class S3GenFlow(nn.Module):
         if noise.dim() != 3 or noise.shape[1] != self.cfg.n_mels or noise.shape[2] < total:
             raise ValueError(f"noise must be (1, {self.cfg.n_mels}, >= {total}), got {tuple(noise.shape)}")
         c = self.prepare(speech_tokens, prompt_token, prompt_feat, embedding, finalize=finalize, validate=validate)
-        return self.decode(c, noise, n_timesteps=n_timesteps, on_step=on_step)
+        return self.decode(c, noise, n_timesteps=n_timesteps, on_step=on_step, estimator=estimator)

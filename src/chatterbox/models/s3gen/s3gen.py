@@ -16,6 +16,7 @@ from torch import nn
 
 from ...audio import S3GenMelConfig, resample_torchaudio, s3gen_mel_spectrogram
 from ..s3tokenizer import S3Tokenizer, S3TokenizerConfig
+from .cfm import EstimatorFn
 from .flow import FlowConfig, S3GenFlow
 from .hift import HiFTConfig, HiFTGenerator
 from .source import SourceNoise
@@ -148,13 +149,17 @@ class S3Gen(nn.Module):
 
     def flow_inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
                        finalize: bool = True, n_timesteps: int | None = None,
-                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only."""
+                       generator: torch.Generator | None = None,
+                       estimator: EstimatorFn | None = None) -> torch.Tensor:
+        """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only.
+
+        ``estimator``: optional stand-in for the CFM estimator (the pipeline's CUDA-graph runner).
+        """
         tokens = self._check_tokens(speech_tokens)
         if cfm_noise is None:
             cfm_noise = self.draw_cfm_noise(generator)
         return self.flow(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, cfm_noise,
-                         finalize=finalize, n_timesteps=n_timesteps)
+                         finalize=finalize, n_timesteps=n_timesteps, estimator=estimator)
 
     def hift_inference(self, mel: torch.Tensor, noise: SourceNoise | None = None,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,9 +172,10 @@ class S3Gen(nn.Module):
 
     def inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
                   source_noise: SourceNoise | None = None, generator: torch.Generator | None = None,
-                  finalize: bool = True, n_timesteps: int | None = None) -> torch.Tensor:
+                  finalize: bool = True, n_timesteps: int | None = None,
+                  estimator: EstimatorFn | None = None) -> torch.Tensor:
         """Speech codes -> waveform (1, L) at 24 kHz, L = 480 * mel frames, with the trim fade applied."""
-        mel = self.flow_inference(speech_tokens, ref, cfm_noise, finalize, n_timesteps, generator)
+        mel = self.flow_inference(speech_tokens, ref, cfm_noise, finalize, n_timesteps, generator, estimator)
         wav, _ = self.hift_inference(mel, source_noise, generator)
         return self.apply_trim_fade(wav)
 

@@ -8,7 +8,7 @@ second BOS (both at learned speech position 0); generated token i is fed at spee
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -87,6 +87,20 @@ class LearnedPositions(nn.Module):
 
     def at(self, positions: Tensor) -> Tensor:
         return self.emb(positions)
+
+
+class TokenDecoder(Protocol):
+    """What ``T3.generate_tokens`` needs from an explicit decode runner (see ``graphed.T3GraphDecoder``)."""
+
+    def cache(self, min_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """A (batch 2) cache of at least ``min_len`` slots that ``tokens`` will decode into."""
+        ...
+
+    def tokens(self, logits: Tensor, seen: Tensor, prefix: int, sampling: SamplingConfig,
+               generator: torch.Generator | None, steps: int) -> Iterator[Tensor]:
+        """``steps`` sampled tokens (1, 1) from the prefill ``logits`` (2, V) and ``seen`` (1, V); the
+        k-th is fed back (decoded at backbone position ``prefix + k``) before it is yielded."""
+        ...
 
 
 @dataclass
@@ -213,7 +227,7 @@ class T3(nn.Module):
         repetition_penalty: float = 2.0, order: tuple[str, ...] = STREAM_ORDER,
         generator: torch.Generator | None = None, forced_tokens: Tensor | None = None,
         block_size: int = DEFAULT_STOP_CHECK_EVERY, recorder: Recorder | None = None,
-        cache: KVCache | None = None,
+        cache: KVCache | None = None, decoder: TokenDecoder | None = None,
     ) -> Iterator[Tensor]:
         """Yield new speech tokens in blocks (1, <= block_size), ending with the block that holds the
         stop token (kept) or the last block when ``max_new_tokens`` is reached.
@@ -221,11 +235,19 @@ class T3(nn.Module):
         One host sync per block (the stop check). Steps sampled after a stop token inside a block are
         computed and discarded; a ``recorder`` therefore may hold up to ``block_size - 1`` extra steps
         after the stop. ``forced_tokens`` (1, K) replays tokens instead of sampling and caps the steps at K.
+
+        ``decoder``: an explicit per-token runner (e.g. the CUDA-graphed ``T3GraphDecoder`` that the
+        pipeline owns) that samples, feeds the token back and decodes in one call; it owns the KV
+        cache, and takes neither ``cache``, ``forced_tokens`` nor ``recorder``. None: the eager loop.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if decoder is not None and (cache is not None or forced_tokens is not None or recorder is not None):
+            raise ValueError("a decoder owns its cache and always samples: pass no cache, forced_tokens or recorder")
+        if decoder is not None and getattr(decoder, "t3", self) is not self:
+            raise ValueError("this decoder was built for another T3 model")
         sampling = SamplingConfig(temperature=temperature, cfg_weight=cfg_weight, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty, order=tuple(order))
         text_tokens = self._check_text(text_tokens)
@@ -239,7 +261,10 @@ class T3(nn.Module):
         embeds = self._bos_prefill(t3_cond, text_tokens)  # (2, P, C)
         prefix = embeds.shape[1]
         need = prefix + steps - 1  # the last sampled token is never fed back
-        if cache is None:
+        if decoder is not None:
+            # a fused step also decodes after the last token, hence one more slot
+            cache = decoder.cache(need + 1, embeds.device, embeds.dtype)
+        elif cache is None:
             cache = self.init_cache(CFG_BATCH, need, embeds.device, embeds.dtype)
         elif cache.max_len < need or cache.batch != CFG_BATCH:
             raise ValueError(f"cache (batch {cache.batch}, length {cache.max_len}) is smaller than "
@@ -248,16 +273,35 @@ class T3(nn.Module):
 
         sos = torch.full((1, 1), self.cfg.start_speech_token, dtype=torch.long, device=embeds.device)
         seen = new_seen(1, self.cfg.speech_vocab_size, sos)  # the initial BOS counts as generated
-        position = torch.full((1,), prefix, dtype=torch.long, device=embeds.device)
-        speech_position = torch.ones(1, dtype=torch.long, device=embeds.device)
-        block: list[Tensor] = []
+        if decoder is not None:
+            tokens = decoder.tokens(logits, seen, prefix, sampling, generator, steps)
+        else:
+            position = torch.full((1,), prefix, dtype=torch.long, device=embeds.device)
+            speech_position = torch.ones(1, dtype=torch.long, device=embeds.device)
+            tokens = self._eager_tokens(logits, seen, position, speech_position, cache, sampling, generator,
+                                        steps, forced_tokens, recorder)
+        yield from self._stop_checked_blocks(tokens, steps, block_size)
+
+    def _eager_tokens(self, logits: Tensor, seen: Tensor, position: Tensor, speech_position: Tensor,
+                      cache: KVCache, sampling: SamplingConfig, generator: torch.Generator | None, steps: int,
+                      forced_tokens: Tensor | None, recorder: Recorder | None) -> Iterator[Tensor]:
+        """Sampled tokens (1, 1), one per step; a token is fed back only when the next one is asked for."""
         for step in range(steps):
             forced = None if forced_tokens is None else forced_tokens[:, step:step + 1]
             token = sample_next(logits, seen, sampling, generator, forced, recorder)  # (1, 1)
             seen = mark_seen(seen, token)
+            yield token
+            if step == steps - 1:
+                return
+            logits = self.decode_step(self.next_token_embeds(token, speech_position), position, cache)
+            position = position + 1
+            speech_position = speech_position + 1
+
+    def _stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+        block: list[Tensor] = []
+        for step, token in enumerate(tokens):
             block.append(token)
-            last = step == steps - 1
-            if len(block) == block_size or last:
+            if len(block) == block_size or step == steps - 1:
                 chunk = torch.cat(block, dim=1)
                 block = []
                 stops = (chunk[0] == self.cfg.stop_speech_token).nonzero()  # the per-block host sync
@@ -265,11 +309,6 @@ class T3(nn.Module):
                     yield chunk[:, :int(stops[0, 0]) + 1]
                     return
                 yield chunk
-            if last:
-                return
-            logits = self.decode_step(self.next_token_embeds(token, speech_position), position, cache)
-            position = position + 1
-            speech_position = speech_position + 1
 
     def inference(
         self, t3_cond: T3Cond, text_tokens: Tensor, max_new_tokens: int, *,
@@ -277,12 +316,14 @@ class T3(nn.Module):
         repetition_penalty: float = 2.0, order: tuple[str, ...] = STREAM_ORDER,
         generator: torch.Generator | None = None, forced_tokens: Tensor | None = None,
         stop_check_every: int = DEFAULT_STOP_CHECK_EVERY, recorder: Recorder | None = None,
+        decoder: TokenDecoder | None = None,
     ) -> Tensor:
         """Generate speech tokens (1, N), including the stop token when one was sampled."""
         blocks = list(self.generate_tokens(
             t3_cond, text_tokens, max_new_tokens, temperature=temperature, cfg_weight=cfg_weight,
             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, order=order,
-            generator=generator, forced_tokens=forced_tokens, block_size=stop_check_every, recorder=recorder))
+            generator=generator, forced_tokens=forced_tokens, block_size=stop_check_every, recorder=recorder,
+            decoder=decoder))
         return torch.cat(blocks, dim=1)
 
 
