@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--salt", type=int, default=None,
                     help="synthetic-weights salt (default: the fixture's meta 'salt' if present, else 0)")
     ap.add_argument("--ckpt", type=Path, default=None, help="load weights from this checkpoint directory instead")
-    ap.add_argument("--opt", default="reference", help="OptConfig preset to run under (reference|fast)")
+    ap.add_argument("--opt", default="reference",
+                    help="OptConfig preset or spec to run under, e.g. fast or 'reference+t3.dtype=bfloat16'; "
+                         "other than reference, per-tensor deviations (max_abs, SNR) are reported instead of "
+                         "verdicts and only errors fail the run")
     ap.add_argument("--only", default="", help="comma-separated fixture stems to run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
@@ -37,6 +40,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    from chatterbox.opt import OptConfig
+
+    try:
+        opt = OptConfig.parse(args.opt)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --opt: {exc}", file=sys.stderr)
+        return 2
+    reference = opt == OptConfig.reference()
+    spec = opt.to_spec()
+    deviating = errors = 0
     only = {s for s in args.only.split(",") if s}
     paths = sorted(p for p in args.fixtures.iterdir() if p.suffix in (".safetensors", ".json"))
     paths = [p for p in paths if not only or p.stem in only]
@@ -61,14 +74,25 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a crash is a failure of that fixture, not of the runner
             print(f"{path.stem}/*  error: {type(exc).__name__}: {exc}  FAIL")
             failed += 1
+            errors += 1
             continue
         for r in results:
-            print(f"{path.stem}/{r.line()}", flush=True)
+            print(f"{path.stem}/{r.line() if reference else r.deviation_line()}", flush=True)
             passed += r.ok
             failed += not r.ok
+            deviating += not r.ok
+        if not reference:
+            snrs = [r.snr_db for r in results if r.snr_db is not None]
+            worst = f"worst snr {min(snrs):.1f}dB" if snrs else "no float tensors"
+            print(f"# {path.stem} [{spec}]: {worst}, {sum(not r.ok for r in results)} of {len(results)} "
+                  f"beyond the reference tolerance")
         print(f"# {path.stem}: {len(results)} tensors in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    print(f"parity: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
-    return 0 if failed == 0 else 1
+    if reference:
+        print(f"parity: {passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
+        return 0 if failed == 0 else 1
+    print(f"parity[{spec}]: {passed} within tolerance, {deviating} deviate, {errors} errors"
+          + (f", {skipped} skipped" if skipped else ""))
+    return 0 if errors == 0 else 1
 
 
 if __name__ == "__main__":

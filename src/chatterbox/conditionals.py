@@ -25,7 +25,9 @@ class Conditionals:
         return Conditionals(t3, self.gen.clone())
 
     def with_exaggeration(self, exaggeration: float) -> "Conditionals":
-        emotion = torch.full((1, 1, 1), float(exaggeration), device=self.t3.speaker_emb.device)
+        # An ordinary tensor even when called inside inference_mode: the result is kept as the voice.
+        with torch.inference_mode(False):
+            emotion = torch.full((1, 1, 1), float(exaggeration), device=self.t3.speaker_emb.device)
         return Conditionals(self.t3.replace(emotion_adv=emotion), self.gen)
 
     def save(self, path: str | Path) -> None:
@@ -40,7 +42,9 @@ class Conditionals:
         if not path.is_file():
             raise FileNotFoundError(f"conditionals file not found: {path}")
         try:
-            payload = torch.load(str(path), map_location=map_location, weights_only=True)
+            # Ordinary tensors whatever the caller's mode, so the voice can be edited in place later.
+            with torch.inference_mode(False):
+                payload = torch.load(str(path), map_location=map_location, weights_only=True)
         except Exception as exc:
             raise ValueError(f"cannot read conditionals from {path}: {exc}") from exc
         if not isinstance(payload, dict) or "t3" not in payload or "gen" not in payload:

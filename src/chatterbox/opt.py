@@ -1,8 +1,14 @@
 """Optimisation settings: one frozen ``OptConfig``, a field per component, applied as passes.
 
 ``OptConfig.reference()`` is fp32 eager and numerically equal to upstream: the A/B baseline and the
-parity target. Model files never read this object; ``apply_opt`` changes built modules, and the
-pipeline reads the global fields (autograd mode, CFM steps, ...).
+parity target. ``OptConfig.fast()`` is the current best guess for a GPU. Model files never read this
+object; ``apply_opt`` (see ``passes.py``) changes built modules, and the pipeline reads the global
+fields (autograd mode, CFM steps, ...).
+
+Toggle specs (used by the A/B harness and ``scripts/check_parity.py --opt``) are a preset name
+followed by ``+``-separated overrides::
+
+    OptConfig.parse("reference+t3.dtype=bfloat16+hift.channels_last=1+cfm_steps=6")
 """
 from __future__ import annotations
 
@@ -16,6 +22,20 @@ AUTOGRAD_MODES = ("inference_mode", "no_grad", "none")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPONENTS = ("s3tokenizer", "voice_encoder", "campplus", "t3", "flow_encoder", "cfm_estimator", "hift")
+# "sdpa" lets torch pick the kernel; the others pin one (with the math kernel as the fallback for
+# calls the pinned kernel cannot take, e.g. flash attention with an explicit mask).
+ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient", "cudnn")
+# Components whose convolutions can run as 4-D channels_last (the voice encoder is an LSTM).
+CHANNELS_LAST_COMPONENTS = ("s3tokenizer", "campplus", "flow_encoder", "cfm_estimator", "hift")
+# Components with a CUDA-graph runner: the T3 decode step and the CFM estimator.
+CUDA_GRAPH_COMPONENTS = ("t3", "cfm_estimator")
+PRESETS = ("reference", "fast")
+
+_SPEC_SEPARATOR = "+"
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+_NO_COMPILE = ("none", "off", "0", "false", "eager")
 
 
 @dataclass(frozen=True)
@@ -35,6 +55,10 @@ class ComponentOpt:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def is_reference(self) -> bool:
+        return self == ComponentOpt()
+
 
 @dataclass(frozen=True)
 class OptConfig:
@@ -50,6 +74,8 @@ class OptConfig:
     attention_backend: str = "sdpa"
     # T3 checks for the stop token every this many steps (one host sync per check).
     stop_check_every: int = 8
+    # CUDA-graphed CFM estimator: the frame count is padded up to a multiple of this (one graph each).
+    cfm_bucket_frames: int = 64
 
     def __post_init__(self) -> None:
         if self.autograd_mode not in AUTOGRAD_MODES:
@@ -58,19 +84,150 @@ class OptConfig:
             raise ValueError(f"cfm_steps must be >= 1, got {self.cfm_steps}")
         if self.stop_check_every < 1:
             raise ValueError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        if self.cfm_bucket_frames < 1:
+            raise ValueError(f"cfm_bucket_frames must be >= 1, got {self.cfm_bucket_frames}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        for name in COMPONENTS:
+            comp = getattr(self, name)
+            if not isinstance(comp, ComponentOpt):
+                raise TypeError(f"{name} must be a ComponentOpt, got {type(comp).__name__}")
+            if comp.channels_last and name not in CHANNELS_LAST_COMPONENTS:
+                raise ValueError(f"{name} has no convolutions to run channels_last "
+                                 f"(supported: {CHANNELS_LAST_COMPONENTS})")
+            if comp.cuda_graphs and name not in CUDA_GRAPH_COMPONENTS:
+                raise ValueError(f"{name} has no CUDA-graph runner (supported: {CUDA_GRAPH_COMPONENTS})")
 
+    # ------------------------------------------------------------------ presets
     @classmethod
     def reference(cls) -> "OptConfig":
         """fp32, eager, upstream-equivalent numerics."""
         return cls()
 
+    @classmethod
+    def fast(cls) -> "OptConfig":
+        """Best guess for one H100 before GPU A/B runs (it will be re-tuned from measurements).
+
+        bf16 where the weights dominate (T3's 0.5 B-parameter decoder, the CFM estimator run
+        2 x cfm_steps times per utterance); CUDA graphs for the T3 decode step (one replay per token)
+        and the estimator (bucketed lengths); channels_last only for HiFT, whose time is ~90 %
+        convolutions. The flow encoder, tokenizer, CAMPPlus and voice encoder run once per call or
+        per voice and stay fp32. No torch.compile: its warm-up cost and recompiles on new lengths
+        outweigh the gain once launches are graphed. Stop checks every 4 tokens: with graphed decode
+        the host sync is cheap and fewer tokens are decoded past the stop.
+        """
+        return cls(
+            t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
+            cfm_estimator=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
+            hift=ComponentOpt(channels_last=True),
+            autograd_mode="inference_mode",
+            attention_backend="sdpa",
+            stop_check_every=4,
+        )
+
+    @classmethod
+    def from_name(cls, name: str) -> "OptConfig":
+        """A named preset: ``"reference"`` or ``"fast"``."""
+        if name == "reference":
+            return cls.reference()
+        if name == "fast":
+            return cls.fast()
+        raise ValueError(f"unknown OptConfig preset {name!r}; known: {PRESETS} "
+                         "(use OptConfig.parse for 'preset+field=value' specs)")
+
+    @classmethod
+    def parse(cls, spec: str) -> "OptConfig":
+        """``"[preset][+component.field=value|+field=value]..."``; the preset defaults to reference.
+
+        Component fields: ``dtype`` (float32|bfloat16|float16, or fp32/bf16/fp16), ``channels_last``
+        and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
+        Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
+        ``cfm_bucket_frames``.
+        """
+        if not isinstance(spec, str):
+            raise TypeError(f"an OptConfig spec is a str, got {type(spec).__name__}")
+        parts = [p.strip() for p in spec.strip().split(_SPEC_SEPARATOR)]
+        if any(not p for p in parts):
+            raise ValueError(f"empty item in OptConfig spec {spec!r}")
+        opt = cls.reference()
+        if "=" not in parts[0]:
+            opt = cls.from_name(parts[0])
+            parts = parts[1:]
+        for item in parts:
+            if "=" not in item:
+                raise ValueError(f"OptConfig spec item {item!r} is not 'field=value' (a preset may only come first)")
+            key, value = (s.strip() for s in item.split("=", 1))
+            opt = opt._with_item(key, value)
+        return opt
+
+    def _with_item(self, key: str, value: str) -> "OptConfig":
+        if "." in key:
+            comp, fname = key.split(".", 1)
+            if comp not in COMPONENTS:
+                raise ValueError(f"unknown component {comp!r} in {key!r}; known: {COMPONENTS}")
+            return self.with_component(comp, **{fname: _component_value(fname, value)})
+        if key in ("autograd_mode", "attention_backend"):
+            return self.replace(**{key: value})
+        if key in ("cfm_steps", "stop_check_every", "cfm_bucket_frames"):
+            try:
+                number = int(value)
+            except ValueError:
+                raise ValueError(f"{key} needs an integer, got {value!r}") from None
+            return self.replace(**{key: number})
+        raise ValueError(f"unknown OptConfig field {key!r}")
+
+    def to_spec(self) -> str:
+        """The shortest ``reference+...`` spec that ``parse`` turns back into this config."""
+        base = OptConfig.reference()
+        items = []
+        for name in COMPONENTS:
+            comp, ref = getattr(self, name), getattr(base, name)
+            for f in dataclasses.fields(ComponentOpt):
+                value = getattr(comp, f.name)
+                if value != getattr(ref, f.name):
+                    text = (str(int(value)) if isinstance(value, bool)
+                            else "none" if value is None else str(value))
+                    items.append(f"{name}.{f.name}={text}")
+        for f in dataclasses.fields(self):
+            if f.name in COMPONENTS:
+                continue
+            value = getattr(self, f.name)
+            if value != getattr(base, f.name):
+                items.append(f"{f.name}={value}")
+        return _SPEC_SEPARATOR.join(["reference", *items])
+
+    # ------------------------------------------------------------------ edits
     def replace(self, **changes) -> "OptConfig":
         return dataclasses.replace(self, **changes)
 
     def with_component(self, name: str, **changes) -> "OptConfig":
         if name not in COMPONENTS:
             raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
+        known = {f.name for f in dataclasses.fields(ComponentOpt)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"unknown component field(s) {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **{name: dataclasses.replace(getattr(self, name), **changes)})
+
+    def component(self, name: str) -> ComponentOpt:
+        if name not in COMPONENTS:
+            raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
+        return getattr(self, name)
+
+
+def _component_value(fname: str, value: str):
+    low = value.lower()
+    if fname == "dtype":
+        return _DTYPE_ALIASES.get(low, low)
+    if fname in ("channels_last", "cuda_graphs"):
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{fname} needs a boolean (1/0, true/false, on/off), got {value!r}")
+    if fname == "compile":
+        return None if low in _NO_COMPILE else value
+    raise ValueError(f"unknown component field {fname!r}; known: dtype, channels_last, compile, cuda_graphs")
 
 
 def autograd_context(mode: str) -> contextlib.AbstractContextManager:
@@ -84,8 +241,22 @@ def autograd_context(mode: str) -> contextlib.AbstractContextManager:
     raise ValueError(f"autograd_mode must be one of {AUTOGRAD_MODES}, got {mode!r}")
 
 
-def apply_opt(tts, opt: OptConfig) -> None:
-    """Apply ``opt`` to a loaded pipeline's modules. The reference configuration changes nothing."""
-    if not isinstance(opt, OptConfig):
-        raise TypeError(f"opt must be an OptConfig, got {type(opt).__name__}")
-    # Passes for dtype, channels_last, compile and CUDA graphs are added per component here.
+def attention_context(backend: str) -> contextlib.AbstractContextManager:
+    """Pin the scaled-dot-product-attention kernel (``"sdpa"``: torch's own choice, no context)."""
+    if backend == "sdpa":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    pinned = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION,
+              "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    if backend not in pinned:
+        raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {backend!r}")
+    backends = [pinned[backend]] if backend == "math" else [pinned[backend], SDPBackend.MATH]
+    return sdpa_kernel(backends)
+
+
+def apply_opt(tts, opt: OptConfig):
+    """Apply ``opt`` to a loaded pipeline's modules (see ``passes.apply_opt``); returns its ``OptState``."""
+    from .passes import apply_opt as _apply
+
+    return _apply(tts, opt)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,11 +45,19 @@ class Comparison:
     tolerance: float
     ok: bool
     exact: bool = False
+    snr_db: float | None = None  # signal-to-error ratio of float tensors (None for exact/int ones)
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAIL"
         tol = "exact" if self.exact else f"{self.tolerance:.3e}"
         return f"{self.name}  max_abs={self.max_abs:.3e}  tol={tol}  {verdict}"
+
+    def deviation_line(self) -> str:
+        """For runs under a non-reference OptConfig: the deviation, not a verdict on it."""
+        verdict = "ok" if self.ok else "DEV"
+        tol = "exact" if self.exact else f"{self.tolerance:.3e}"
+        snr = "" if self.snr_db is None else f"  snr={self.snr_db:.1f}dB"
+        return f"{self.name}  max_abs={self.max_abs:.3e}  tol={tol}{snr}  {verdict}"
 
 
 def compare(name: str, actual: torch.Tensor, expected: torch.Tensor,
@@ -67,7 +76,19 @@ def compare(name: str, actual: torch.Tensor, expected: torch.Tensor,
     diff = (actual.double() - expected.double()).abs()
     max_abs = float(diff.max()) if torch.isfinite(diff).all() else float("inf")
     tol = atol + rtol * float(expected.double().abs().max())
-    return Comparison(name, max_abs, tol, max_abs <= tol)
+    return Comparison(name, max_abs, tol, max_abs <= tol, snr_db=snr_db(actual, expected))
+
+
+def snr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """10 log10(sum(expected^2) / sum((actual - expected)^2)); inf when equal."""
+    ref = expected.double()
+    err = float(((actual.double() - ref) ** 2).sum())
+    sig = float((ref ** 2).sum())
+    if err == 0.0:
+        return float("inf")
+    if sig == 0.0 or err != err:
+        return float("-inf")
+    return 10.0 * math.log10(sig / err)
 
 
 @dataclass
@@ -77,18 +98,33 @@ class ParityContext:
     ckpt_dir: Path | None = None
     salt: int = 0
     device: str = "cpu"
+    # An OptConfig preset or spec (``OptConfig.parse``); applied to every module ``load`` builds.
     opt: str = "reference"
     cache: dict = field(default_factory=dict)  # models shared by several fixtures
 
+    @property
+    def is_reference(self) -> bool:
+        from ..opt import OptConfig
+
+        return OptConfig.parse(self.opt) == OptConfig.reference()
+
     def load(self, module: nn.Module, stem: str, prefix: str = "") -> nn.Module:
-        """Strictly load the ``prefix`` part of checkpoint ``stem`` (ve, t3_cfg, s3gen) into ``module``."""
+        """Strictly load the ``prefix`` part of checkpoint ``stem`` (ve, t3_cfg, s3gen) into ``module``,
+        then apply the context's OptConfig to the components it contains."""
         optional = [k[len(prefix):] for k in OPTIONAL_S3GEN_KEYS if stem == "s3gen" and k.startswith(prefix)]
         if self.ckpt_dir is not None:
             state = read_state_dict(find_checkpoint_file(self.ckpt_dir, stem), prefix)
         else:
             state = synth_state_dict(module.state_dict(), prefix=prefix, salt=self.salt)
         load_strict(module, state, f"{stem}[{prefix or '*'}]", optional=optional)
-        return module.to(self.device).eval()
+        module = module.to(self.device).eval()
+        if not self.is_reference:
+            from ..opt import OptConfig
+            from ..passes import apply_to_components, find_components
+
+            # No OptState is kept: these modules are never switched back.
+            apply_to_components(find_components(module), OptConfig.parse(self.opt))
+        return module
 
 
 CHECKED_STEMS = (
