@@ -30,3 +30,12 @@ def load_fixture(stem: str):
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def synthetic_tts():
+    """The full-size pipeline on synthetic weights, built once per test session (~35 s on CPU)."""
+    from chatterbox import ChatterboxTTS
+
+    torch.set_num_threads(2)
+    return ChatterboxTTS.from_synthetic("cpu")

@@ -11,10 +11,9 @@ from chatterbox.voice import synthetic_reference
 SR = 24000
 
 
-@pytest.fixture(scope="module")
-def tts():
-    torch.set_num_threads(2)
-    return ChatterboxTTS.from_synthetic("cpu")
+@pytest.fixture()
+def tts(synthetic_tts):
+    return synthetic_tts
 
 
 def test_generate_is_reproducible_with_a_seed_and_returns_a_plain_tensor(tts):

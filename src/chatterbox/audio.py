@@ -171,13 +171,26 @@ def _to_numpy_1d(wav: AudioLike) -> np.ndarray:
 
 
 def trim_silence(wav: AudioLike, top_db: float = 20.0) -> tuple[int, int]:
-    """[start, end) of the non-silent part, exactly ``librosa.effects.trim(wav, top_db)[1]``."""
-    import librosa
+    """[start, end) of the non-silent part, equal to ``librosa.effects.trim(wav, top_db)[1]``.
 
-    arr = _to_numpy_1d(wav)
-    _, index = librosa.effects.trim(arr, top_db=top_db, frame_length=TRIM_FRAME_LENGTH,
-                                    hop_length=TRIM_HOP_LENGTH)
-    return int(index[0]), int(index[1])
+    Frames of ``TRIM_FRAME_LENGTH`` (zero-padded, centred) every ``TRIM_HOP_LENGTH`` samples; a frame
+    is silent when its mean power is more than ``top_db`` below the loudest frame's. Written with the
+    same numpy reductions librosa uses (frames along axis 0), so the threshold decisions agree.
+    """
+    y = _to_numpy_1d(wav)
+    half = TRIM_FRAME_LENGTH // 2
+    padded = np.pad(y, (half, half), mode="constant")
+    if padded.shape[0] < TRIM_FRAME_LENGTH:
+        return 0, 0
+    frames = np.lib.stride_tricks.sliding_window_view(padded, TRIM_FRAME_LENGTH)[::TRIM_HOP_LENGTH].T
+    power = np.mean(np.abs(frames) ** 2, axis=0)  # (n_frames,)
+    mse = np.sqrt(power) ** 2
+    floor = 1e-10
+    db = 10.0 * np.log10(np.maximum(floor, mse)) - 10.0 * np.log10(np.maximum(floor, mse.max()))
+    loud = np.flatnonzero(db > -top_db)
+    if loud.size == 0:
+        return 0, 0
+    return int(loud[0] * TRIM_HOP_LENGTH), int(min(y.shape[-1], (loud[-1] + 1) * TRIM_HOP_LENGTH))
 
 
 def resample_torchaudio(wav: torch.Tensor, src_sr: int, dst_sr: int) -> torch.Tensor:
@@ -196,12 +209,18 @@ def resample_torchaudio(wav: torch.Tensor, src_sr: int, dst_sr: int) -> torch.Te
 
 
 def resample_soxr(wav: np.ndarray, src_sr: int, dst_sr: int) -> np.ndarray:
-    """``librosa.resample`` with its default soxr_hq, as ``prepare_conditionals`` and librosa.load use."""
-    import librosa
+    """soxr's high-quality resampler, as ``librosa.resample`` (default soxr_hq) applies it in
+    ``prepare_conditionals`` and ``librosa.load``: output length ceil(L * dst / src)."""
+    import soxr
 
     if src_sr == dst_sr:
         return wav
-    return librosa.resample(np.asarray(wav), orig_sr=int(src_sr), target_sr=int(dst_sr), res_type="soxr_hq")
+    y = np.asarray(wav)
+    out = soxr.resample(y, int(src_sr), int(dst_sr), quality="soxr_hq")
+    n_out = int(np.ceil(y.shape[-1] * float(dst_sr) / float(src_sr)))
+    if out.shape[-1] < n_out:
+        out = np.pad(out, (0, n_out - out.shape[-1]))
+    return np.ascontiguousarray(out[:n_out], dtype=y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,17 +228,25 @@ def resample_soxr(wav: np.ndarray, src_sr: int, dst_sr: int) -> np.ndarray:
 
 
 def _read_reference_file(path: Path, target_sr: int) -> np.ndarray:
-    import librosa
-
+    """Read like ``librosa.load(path, sr=target_sr, mono=True)``: float samples, channel mean, soxr_hq."""
     if not path.exists():
         raise ReferenceAudioError(f"reference audio file not found: {path}")
     if not path.is_file():
         raise ReferenceAudioError(f"reference audio path is not a file: {path}")
+    import soundfile as sf
+
     try:
-        wav, _ = librosa.load(str(path), sr=target_sr, mono=True)
-    except Exception as exc:  # soundfile/audioread raise a zoo of types for bad files
-        raise ReferenceAudioError(f"cannot read reference audio file {path}: {type(exc).__name__}: {exc}") from exc
-    return wav
+        data, native_sr = sf.read(str(path), dtype="float32", always_2d=True)  # (L, C)
+        wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    except Exception:
+        # formats libsndfile cannot read (e.g. some compressed ones): librosa's audioread fallback
+        try:
+            import librosa
+
+            wav, native_sr = librosa.load(str(path), sr=None, mono=True)
+        except Exception as exc:  # soundfile/audioread raise a zoo of types for bad files
+            raise ReferenceAudioError(f"cannot read reference audio file {path}: {type(exc).__name__}: {exc}") from exc
+    return resample_soxr(np.ascontiguousarray(wav, dtype=np.float32), int(native_sr), target_sr)
 
 
 def _to_float_samples(arr: np.ndarray) -> np.ndarray:

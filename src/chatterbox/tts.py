@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
+from typing import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,9 @@ from .models.voice_encoder import VoiceEncoder
 from .opt import OptConfig, autograd_context
 from .synthetic import NOT_SPEECH_WARNING
 from .text import EnTokenizer, TextSplitConfig, drop_invalid_tokens, punc_norm, split_text
+from .models.s3gen.hift_stream import HiFTStreamer, StreamNoise
+from .streaming import (ChunkTiming, FlowStreamConfig, StreamingMetrics, chunk_schedule, flow_stream_step,
+                        init_flow_stream)
 from .timing import StageTimer
 from .voice import VoiceConfig, prepare_conditionals, synthetic_reference
 from .watermark import Watermarker, watermark_available
@@ -210,3 +215,119 @@ class ChatterboxTTS:
         if not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         return int(seed)
+
+    # ------------------------------------------------------------------ streaming
+    def generate_stream(self, text: str, audio_prompt_path=None, exaggeration: float = 0.5, cfg_weight: float = 0.5,
+                        temperature: float = 0.8, repetition_penalty: float = 1.2, min_p: float = 0.05,
+                        top_p: float = 1.0, chunk_size: int | list[int] = 25, context_window: int = 50,
+                        fade_duration: float = 0.02, print_metrics: bool = True, max_new_tokens: int = 1000,
+                        seed: int | None = None, watermark: bool | None = None, lookahead_tokens: int = 3,
+                        ) -> Iterator[tuple[torch.Tensor, StreamingMetrics]]:
+        """Speak ``text`` incrementally: yields ``(audio_chunk (1, n) float32 CPU tensor, metrics)``.
+
+        T3 tokens are rendered every ``chunk_size`` tokens (an int, or a schedule such as
+        ``[10, 25, 50]`` whose last value repeats). The flow re-encodes at most ``context_window``
+        tokens of left context per chunk; the vocoder streams with exact state, so chunks join without
+        seams and no cross-fade is applied (``fade_duration`` is accepted for compatibility and unused).
+        ``lookahead_tokens`` holds each chunk's newest frames back until that many later tokens exist
+        (3 is the encoder's own lookahead; more raises fidelity to one-shot at the cost of latency).
+        The caller's autograd mode is never changed between chunks; closing the generator early
+        releases its state.
+        """
+        del fade_duration  # seams are exact; nothing to fade
+        start = time.perf_counter()
+        segments = self.text_segments(text)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        schedule = chunk_schedule(chunk_size)
+        flow_cfg = FlowStreamConfig(context_window=context_window, lookahead_tokens=lookahead_tokens)
+        seed = self._seed(seed)
+        sample_gen = torch.Generator(device=self.device).manual_seed(seed)
+        noise_gen = torch.Generator().manual_seed(seed)
+        if watermark is None:
+            watermark = watermark_available()
+        metrics = StreamingMetrics()
+        streamer = HiFTStreamer(self.s3gen.mel2wav)
+        with autograd_context(self.opt.autograd_mode):
+            conds = self._resolve_conds(audio_prompt_path, exaggeration)
+            cfm_noise = self.s3gen.draw_cfm_noise(noise_gen)
+        total_samples = 0
+        for segment in segments:
+            with autograd_context(self.opt.autograd_mode):
+                tokens_iter = self.t3.generate_tokens(
+                    conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
+                    cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                    order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every)
+                flow_state = init_flow_stream(self.s3gen, conds.gen)
+                voc_state = streamer.init_state(1, self.device, StreamNoise.drawn(sample_gen))
+            segment_samples = 0
+            pending: list[torch.Tensor] = []
+            done = False
+            try:
+                while not done:
+                    want = next(schedule)
+                    timer = StageTimer(self.device)
+                    t3_start = time.perf_counter()
+                    with autograd_context(self.opt.autograd_mode):
+                        while sum(p.shape[1] for p in pending) < want:
+                            block = next(tokens_iter, None)
+                            if block is None:
+                                done = True
+                                break
+                            pending.append(block)
+                        arrived = torch.cat(pending, dim=1) if pending else None
+                        n_arrived = 0 if arrived is None else min(arrived.shape[1], want)
+                        chunk_tokens = arrived[:, :n_arrived] if arrived is not None else None
+                        pending = [arrived[:, n_arrived:]] if arrived is not None and arrived.shape[1] > n_arrived else []
+                        stop_hit = chunk_tokens is not None and bool(
+                            (chunk_tokens == self.t3.cfg.stop_speech_token).any())
+                        done = done or stop_hit
+                        t3_s = time.perf_counter() - t3_start
+                        valid = (drop_invalid_tokens(chunk_tokens) if chunk_tokens is not None
+                                 else torch.zeros(0, dtype=torch.long, device=self.device))
+                        with timer.stage("flow"):
+                            mel, flow_state = flow_stream_step(self.s3gen, conds.gen, flow_state, valid, cfm_noise,
+                                                               flow_cfg, final=done, n_timesteps=self.opt.cfm_steps)
+                        with timer.stage("vocoder"):
+                            wav, voc_state = streamer.push(mel, voc_state, final=done)
+                            wav = self._fade_stream_start(wav, segment_samples)
+                        audio = wav.detach().float().to("cpu")
+                    audio = audio.clone()  # a plain tensor, made outside the autograd-mode context
+                    if watermark and audio.shape[1]:
+                        audio = self._watermark(audio)
+                    stages = timer.summary()
+                    segment_samples += audio.shape[1]
+                    if audio.shape[1] == 0:
+                        continue
+                    total_samples += audio.shape[1]
+                    now = time.perf_counter() - start
+                    if metrics.latency_to_first_chunk is None:
+                        metrics.latency_to_first_chunk = now
+                        if print_metrics:
+                            log.info("first audio after %.3f s", now)
+                    metrics.chunk_count += 1
+                    metrics.chunks.append(ChunkTiming(
+                        index=metrics.chunk_count - 1, tokens=0 if chunk_tokens is None else chunk_tokens.shape[1],
+                        samples=audio.shape[1], t3_s=t3_s, flow_s=stages.get("flow", 0.0),
+                        vocoder_s=stages.get("vocoder", 0.0), emitted_at_s=now))
+                    metrics.total_generation_time = now
+                    metrics.total_audio_duration = total_samples / self.sr
+                    metrics.rtf = now / metrics.total_audio_duration
+                    yield audio, metrics
+            finally:
+                tokens_iter.close()
+        metrics.total_generation_time = time.perf_counter() - start
+        metrics.total_audio_duration = total_samples / self.sr
+        metrics.rtf = metrics.total_generation_time / metrics.total_audio_duration if total_samples else None
+        if print_metrics:
+            log.info("stream done: %d chunks, %.3f s of audio in %.3f s (RTF %s)", metrics.chunk_count,
+                     metrics.total_audio_duration, metrics.total_generation_time,
+                     f"{metrics.rtf:.3f}" if metrics.rtf is not None else "n/a")
+
+    def _fade_stream_start(self, wav: torch.Tensor, offset: int) -> torch.Tensor:
+        """The one-shot trim fade, applied to whatever part of the first 2n samples this piece holds."""
+        fade = self.s3gen.trim_fade
+        if offset >= fade.shape[0] or wav.shape[-1] == 0:
+            return wav
+        n = min(fade.shape[0] - offset, wav.shape[-1])
+        return torch.cat([wav[..., :n] * fade[offset:offset + n].to(wav.dtype), wav[..., n:]], dim=-1)
