@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import math
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import report, stages
-from .texts import QUICK_MAX_NEW_TOKENS, TEXT_SETS, TextCase, reference_audio, text_cases
+from .texts import QUICK_MAX_NEW_TOKENS, QUICK_VOICE_SECONDS, TEXT_SETS, TextCase, reference_audio, text_cases
 
 log = logging.getLogger("eval.ab")
 
@@ -77,11 +78,13 @@ def _git(*args: str) -> str | None:
         return None
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, commit: str | None = None) -> dict:
+    head = _git("rev-parse", "HEAD")
+    in_git = bool(head) and re.fullmatch(r"[0-9a-f]{40}", head) is not None
     env = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "platform": platform.platform(),
-           "cpu_threads": torch.get_num_threads(), "git_commit": _git("rev-parse", "HEAD"),
-           "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+           "cpu_threads": torch.get_num_threads(), "git_commit": head if in_git else commit,
+           "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")) if in_git else None,
            "device_name": platform.processor() or platform.machine(), "driver": None}
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
@@ -109,7 +112,7 @@ def fidelity_phase(tts, configs, cases: list[TextCase], args) -> tuple[dict, dic
         try:
             tts.set_opt(cfg)
             fid[name], tokens[name] = _fidelity_of(tts, name, cases, args, ref)
-        except (RuntimeError, ValueError, NotImplementedError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported and skipped, see run_matrix
             if name == report.REFERENCE:
                 raise
             log.warning("config %s dropped: %s", name, exc)
@@ -126,10 +129,12 @@ def _fidelity_of(tts, name: str, cases: list[TextCase], args, ref: dict) -> tupl
         entry = {"t3_tokens": count, "t3_tokens_exact": exact, "valid_tokens": syn.valid_tokens.numel(),
                  "tokens": (raw if raw is not None else syn.valid_tokens).tolist()}
         if name == report.REFERENCE:
-            ref[case.name] = {"valid": syn.valid_tokens, "wav": syn.wav}
+            ref[case.name] = {"valid": syn.valid_tokens, "raw": raw, "wav": syn.wav}
         ref_case = ref[case.name]
-        # over the rendered tokens: the invalid ids are not always known (they never reach S3Gen)
-        entry["token_agreement"] = stages.token_agreement(ref_case["valid"], syn.valid_tokens)
+        # over all generated ids when both are known, else over the rendered ones
+        both = raw is not None and ref_case["raw"] is not None
+        entry["token_agreement"] = (stages.token_agreement(ref_case["raw"], raw) if both
+                                    else stages.token_agreement(ref_case["valid"], syn.valid_tokens))
         entry["e2e_wav_snr_db"] = stages.snr_db(ref_case["wav"], syn.wav)
         if ref_case["valid"].numel():
             mel, wav = stages.render(tts, ref_case["valid"], args.seed)
@@ -137,6 +142,7 @@ def _fidelity_of(tts, name: str, cases: list[TextCase], args, ref: dict) -> tupl
                 ref_case.update(mel=mel, rwav=wav)
             entry["mel_snr_db"] = stages.snr_db(ref_case["mel"], mel)
             entry["wav_snr_db"] = stages.snr_db(ref_case["rwav"], wav)
+            entry["spec_snr_db"] = stages.spectral_snr_db(ref_case["rwav"], wav)
         else:
             entry["note"] = "reference produced no renderable tokens"
         fid[case.name] = entry
@@ -178,25 +184,31 @@ def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, 
 
 
 def run_matrix(tts, configs, cases: list[TextCase], args, ref_audio) -> tuple[list[dict], dict, list[dict]]:
-    """All phases; returns (samples, fidelity, configs dropped because set_opt or a run failed)."""
+    """All phases; returns (samples, fidelity, configs dropped because set_opt or a run failed).
+
+    A configuration that raises is dropped (with the reason) and the others go on; reference cannot
+    be dropped, its failure ends the run.
+    """
     fidelity, tokens, failed = fidelity_phase(tts, configs, cases, args)
     live = [(n, c) for n, c in configs if n in tokens]
-    for name, cfg in list(live):
-        for _ in range(args.warmup):
+    samples: list[dict] = []
+    rounds = [(-1, "warm-up")] * args.warmup + [(rep, "round") for rep in range(args.reps)]
+    for rep, phase in rounds:
+        for name, cfg in list(live):
             try:
-                measure(tts, name, cfg, cases, tokens, -1, args, ref_audio)
-            except (RuntimeError, ValueError, NotImplementedError) as exc:
+                got = measure(tts, name, cfg, cases, tokens, rep, args, ref_audio)
+            except Exception as exc:  # noqa: BLE001 - one broken configuration must not end the matrix
                 if name == report.REFERENCE:
                     raise
-                log.warning("config %s dropped: warm-up failed: %s", name, exc)
-                failed.append({"name": name, "reason": f"warm-up failed: {type(exc).__name__}: {exc}"})
+                log.warning("config %s dropped: %s failed: %s", name, phase, exc)
+                failed.append({"name": name, "reason": f"{phase} failed: {type(exc).__name__}: {exc}"})
                 live.remove((name, cfg))
-                break
-    samples: list[dict] = []
-    for rep in range(args.reps):
-        for name, cfg in live:
-            samples += measure(tts, name, cfg, cases, tokens, rep, args, ref_audio)
-        log.info("round %d/%d done", rep + 1, args.reps)
+                samples = [s for s in samples if s["config"] != name]
+                continue
+            if rep >= 0:
+                samples += got
+        if rep >= 0:
+            log.info("round %d/%d done", rep + 1, args.reps)
     tts.set_opt(configs[0][1])
     return samples, fidelity, failed
 
@@ -225,12 +237,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--upstream", type=Path, default=None, help="upstream chatterbox-streaming checkout")
     ap.add_argument("--upstream-ckpt", type=Path, default=None, help="dir with ve.pt/t3_cfg.pt/s3gen.pt for upstream")
     ap.add_argument("--upstream-python", default=None, help="interpreter with upstream's packages")
+    ap.add_argument("--upstream-pythonpath", default=None,
+                    help="import path prepended for upstream (where its pinned packages are)")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--commit", default=None, help="commit to record when the tree has no .git (a copied checkout)")
     args = ap.parse_args(argv)
     q = args.quick
     args.device = args.device or ("cpu" if q or not torch.cuda.is_available() else "cuda")
-    args.configs = [c.strip() for c in (args.configs or (QUICK_CONFIGS if q else "reference,fast")).split(",") if c.strip()]
-    args.text_set = [t.strip() for t in (args.text_set or ("short" if q else "short,long")).split(",") if t.strip()]
+    args.configs = _csv(args.configs or (QUICK_CONFIGS if q else "reference,fast"))
+    args.text_set = _csv(args.text_set or ("short" if q else "short,long"))
     args.reps = args.reps if args.reps is not None else (1 if q else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if q else 1)
     args.max_new_tokens = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if q else None)
@@ -241,6 +256,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.reps < 1 or args.warmup < 0:
         ap.error("--reps must be >= 1 and --warmup >= 0")
     return args
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
 
 
 def load_tts(args, device: torch.device):
@@ -255,7 +274,8 @@ def load_tts(args, device: torch.device):
         tts = ChatterboxTTS.from_synthetic(device, salt=args.salt)
         ck = {"kind": "synthetic", "salt": args.salt, "synthetic": True}
     if tts.conds is None:
-        tts.prepare_conditionals(*reference_audio(args.ref_wav))
+        wav, sr = reference_audio(args.ref_wav)
+        tts.prepare_conditionals(wav, sample_rate=sr)
         ck["voice"] = "prepared from the reference audio (no conds.pt)"
     ck["load_s"] = time.perf_counter() - t0
     return tts, ck
@@ -281,6 +301,10 @@ def main(argv: list[str] | None = None) -> int:
     cases = text_cases(args.text_set, args.max_new_tokens)
     configs, skipped = resolve_configs(args.configs)
     tts, checkpoint = load_tts(args, device)
+    if args.quick:
+        wav, sr = reference_audio(None, seconds=QUICK_VOICE_SECONDS)
+        tts.prepare_conditionals(wav, sample_rate=sr)
+        checkpoint["voice"] = f"quick: made from {QUICK_VOICE_SECONDS:g} s of the synthetic reference"
     for case in cases:
         stages.single_segment(tts, case)
     ref_audio = reference_audio(args.ref_wav)
@@ -293,8 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "schema": SCHEMA,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, "-m", "eval.ab", *(argv if argv is not None else sys.argv[1:])]),
-        "env": environment(device),
+        "command": " ".join(["python -m eval.ab", *(argv if argv is not None else sys.argv[1:])]),
+        "env": environment(device, args.commit),
         "checkpoint": checkpoint,
         "settings": {"reps": args.reps, "warmup": args.warmup, "seed": args.seed, "quick": args.quick,
                      "chunk_size": args.chunk_size, "context_window": args.context_window,
@@ -318,8 +342,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def upstream_block(args, cases, ref_audio, result: dict) -> dict:
-    from .upstream import run_upstream, synthetic_pt_dir
+    from .upstream import probe_upstream, run_upstream, synthetic_pt_dir
 
+    probe = probe_upstream(args.upstream, python=args.upstream_python, extra_path=args.upstream_pythonpath,
+                           watermark=args.watermark)
+    if probe.get("status") != "ok":
+        log.info("upstream: %s %s", probe.get("status"), probe.get("reason", ""))
+        return dict(probe, path=str(args.upstream))
     ckpt = args.upstream_ckpt or args.ckpt
     if ckpt is None:
         ckpt, why = synthetic_pt_dir(args.salt)
@@ -327,7 +356,9 @@ def upstream_block(args, cases, ref_audio, result: dict) -> dict:
             return {"status": "skipped", "reason": why}
     up = run_upstream(args.upstream, ckpt, args.device, cases, seed=args.seed, reps=args.reps, warmup=args.warmup,
                       chunk_size=args.chunk_size, context_window=args.context_window, reference_wav=ref_audio[0],
-                      reference_sr=ref_audio[1], python=args.upstream_python)
+                      reference_sr=ref_audio[1], watermark=args.watermark,
+                      synthetic=bool(result["checkpoint"].get("synthetic")), python=args.upstream_python,
+                      extra_path=args.upstream_pythonpath)
     up["path"] = str(args.upstream)
     if up.get("status") == "ok":
         result["samples"] += up.pop("samples")

@@ -20,7 +20,11 @@ UPSTREAM = "upstream"  # the row of an upstream checkout run by --upstream
 # The headline figures are read from these text sets when the run has them (else the first/last).
 LATENCY_TEXT = "short"
 THROUGHPUT_TEXT = "long"
-STAGE_ORDER = ("conditionals", "t3_prefill", "t3_decode", "flow_encoder", "cfm", "hift", "watermark")
+STAGE_ORDER = ("conditionals", "t3", "t3_prefill", "t3_decode", "s3gen", "flow_encoder", "cfm", "hift", "watermark")
+# Stacked bars: the fine split where it was measured, else the coarse stage it refines (upstream's
+# rows have T3 and S3Gen totals only).
+PLOT_GROUPS = (("conditionals", ()), ("t3", ("t3_prefill", "t3_decode")), ("s3gen", ("flow_encoder", "cfm", "hift")),
+               ("watermark", ()))
 
 
 # ---------------------------------------------------------------------------------------- numbers
@@ -103,6 +107,8 @@ def summarize_text(samples: list[dict], fidelity: dict | None) -> dict:
             stages["flow_encoder"].append(enc)
             stages["cfm"].append(num(st.get("flow", math.nan)) - enc)
             stages["hift"].append(num(st.get("hift", math.nan)))
+            stages["s3gen"].append(num(st["s3gen"]) if "s3gen" in st
+                                   else num(st.get("flow", math.nan)) + num(st.get("hift", math.nan)))
             stages["watermark"].append(num(st.get("watermark", 0.0)))
         out["stages_s"] = {k: p50(v) for k, v in stages.items()}
     if stream:
@@ -114,8 +120,8 @@ def summarize_text(samples: list[dict], fidelity: dict | None) -> dict:
             stream_chunks=int(np.median([s["chunks"] for s in stream])),
         )
     if fidelity:
-        out.update({k: fidelity[k] for k in ("token_agreement", "mel_snr_db", "wav_snr_db", "e2e_wav_snr_db")
-                    if k in fidelity})
+        keys = ("token_agreement", "mel_snr_db", "wav_snr_db", "spec_snr_db", "e2e_wav_snr_db")
+        out.update({k: fidelity[k] for k in keys if k in fidelity})
     return out
 
 
@@ -149,6 +155,7 @@ def summarize(result: dict) -> dict:
             "peak_mem_gb": max(mem) if mem else math.nan,
             "snr_db_vs_reference": thr.get("wav_snr_db", math.nan),
             "mel_snr_db_vs_reference": thr.get("mel_snr_db", math.nan),
+            "spec_snr_db_vs_reference": thr.get("spec_snr_db", math.nan),
             "token_agreement": thr.get("token_agreement", math.nan),
             "e2e_wav_snr_db_vs_reference": thr.get("e2e_wav_snr_db", math.nan),
             "stages_s": thr.get("stages_s", {}),
@@ -216,6 +223,7 @@ COLUMNS: dict[str, tuple[str, Callable[[str, dict], str]]] = {
     "peak_mem_gb": ("peak GB", _plain("peak_mem_gb", 1.0, 2)),
     "snr_db_vs_reference": ("wav SNR dB", _plain("snr_db_vs_reference", 1.0, 1)),
     "mel_snr_db_vs_reference": ("mel SNR dB", _plain("mel_snr_db_vs_reference", 1.0, 1)),
+    "spec_snr_db_vs_reference": ("spec SNR dB", _plain("spec_snr_db_vs_reference", 1.0, 1)),
     "token_agreement": ("token agree", _plain("token_agreement", 1.0, 3)),
 }
 
@@ -264,7 +272,8 @@ def caption(result: dict) -> str:
     first = next(iter(result.get("summary", {}).values()), {})
     heads = first.get("headline_texts", {})
     lat, thr = heads.get("latency", "-"), heads.get("throughput", "-")
-    return (f"{env.get('device_name', '?')} · torch {env.get('torch', '?')} · commit {str(env.get('git_commit', '?'))[:10]}"
+    commit = str(env.get("git_commit") or "?")[:10]
+    return (f"{env.get('device_name', '?')} · torch {env.get('torch', '?')} · commit {commit}"
             f" · {ck.get('kind', '?')} weights · {st.get('reps', '?')} reps · seed {st.get('seed', '?')}"
             f" · TTFA on `{lat}`, throughput/RTF on `{thr}` · ratios to `reference` in parentheses (> 1× is better)")
 
@@ -278,7 +287,9 @@ def markdown_report(result: dict) -> str:
         lines.append(f"- {note}")
     up = result.get("upstream")
     if up:
-        lines.append(f"- upstream: {up.get('status')}" + (f" ({up['reason']})" if up.get("reason") else ""))
+        versions = ", ".join(f"{k} {v}" for k, v in (up.get("versions") or {}).items() if v)
+        detail = up.get("reason") or versions
+        lines.append(f"- upstream ({up.get('path', '?')}): {up.get('status')}" + (f" ({detail})" if detail else ""))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -288,8 +299,8 @@ def stage_table(result: dict) -> str:
         return ""
     head = "| config | " + " | ".join(STAGE_ORDER) + " |"
     rule = "|---|" + "---|" * len(STAGE_ORDER)
-    rows = ["| " + " | ".join([f"`{n}`"] + [_fmt(s.get("stages_s", {}).get(k), 1000.0, 1) for k in STAGE_ORDER]) + " |"
-            for n, s in summary.items()]
+    rows = ["| " + " | ".join([f"`{n}`"] + [_fmt(s.get("stages_s", {}).get(k), 1000.0, 1) for k in STAGE_ORDER])
+            + " |" for n, s in summary.items()]
     return "\n".join([head, rule, *rows])
 
 
@@ -329,12 +340,21 @@ def write_plots(result: dict, stem: Path) -> tuple[list[Path], str | None]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7.0, 0.6 * len(names) + 2.2))
+    colors = {key: f"C{i}" for i, key in enumerate(STAGE_ORDER)}
     left = np.zeros(len(names))
-    for key in STAGE_ORDER:
-        vals = np.array([1000.0 * num(summary[n]["stages_s"].get(key, math.nan)) for n in names])
-        vals = np.where(np.isnan(vals), 0.0, np.maximum(vals, 0.0))
-        ax.barh(names, vals, left=left, label=key)
-        left = left + vals
+    labelled = set()
+    for row, n in enumerate(names):
+        st = summary[n]["stages_s"]
+        for coarse, fine in PLOT_GROUPS:
+            split = [k for k in fine if not math.isnan(num(st.get(k)))]
+            for key in (fine if fine and len(split) == len(fine) else (coarse,)):
+                ms = 1000.0 * num(st.get(key, math.nan))
+                if math.isnan(ms) or ms <= 0:
+                    continue
+                ax.barh(row, ms, left=left[row], color=colors[key], label=None if key in labelled else key)
+                labelled.add(key)
+                left[row] += ms
+    ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("ms (p50 per stage, non-streaming)")
     ax.invert_yaxis()
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.22),

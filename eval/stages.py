@@ -5,6 +5,7 @@ caller waits). Stage times inside ``synthesize`` come from its own ``StageTimer`
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -115,32 +116,63 @@ class SynthRun:
     stages: dict[str, float]
     valid_tokens: torch.Tensor  # (M,) what S3Gen rendered
     wav: torch.Tensor  # (L,) float32 CPU
-    generated: int | None  # tokens T3 generated, when the pipeline reports it
+    generated: int | None  # tokens T3 generated (invalid ids and the stop token included), when known
+    raw_tokens: torch.Tensor | None  # (N,) those tokens on the CPU, when seen
+
+
+@contextlib.contextmanager
+def _seen_t3_outputs(tts):
+    """Collects what ``tts.t3.inference`` returns while the block runs (a pass-through wrapper on the
+    instance, removed afterwards): the pipeline reports only the tokens it rendered, and tokens/s
+    counts every generated one."""
+    t3 = tts.t3
+    had = "inference" in vars(t3)
+    previous = vars(t3).get("inference")
+    inner = t3.inference
+    outputs: list[torch.Tensor] = []
+
+    def inference(*args, **kwargs):
+        out = inner(*args, **kwargs)
+        outputs.append(out)
+        return out
+
+    object.__setattr__(t3, "inference", inference)
+    try:
+        yield outputs
+    finally:
+        if had:
+            object.__setattr__(t3, "inference", previous)
+        else:
+            object.__delattr__(t3, "inference")
 
 
 def run_synthesize(tts, case: TextCase, seed: int, watermark: bool) -> SynthRun:
     timer = StageTimer(tts.device)
-    t0 = now(tts.device)
-    res = tts.synthesize(case.text, seed=seed, max_new_tokens=case.max_new_tokens, watermark=watermark,
-                         timer=timer)
-    total = now(tts.device) - t0
+    with _seen_t3_outputs(tts) as outputs:
+        t0 = now(tts.device)
+        res = tts.synthesize(case.text, seed=seed, max_new_tokens=case.max_new_tokens, watermark=watermark,
+                             timer=timer)
+        total = now(tts.device) - t0
     valid = torch.cat(res.speech_tokens) if res.speech_tokens else torch.zeros(0, dtype=torch.long)
+    raw = torch.cat([o[0].detach().to("cpu") for o in outputs]) if outputs else None
     generated = getattr(res, "generated_tokens", None)  # int or per-segment list, where the pipeline has it
     if isinstance(generated, (list, tuple)):
         generated = sum(int(g) for g in generated)
+    if generated is None and raw is not None:
+        generated = raw.numel()
     return SynthRun(total_s=total, audio_s=res.wav.shape[-1] / tts.sr, stages=dict(res.timings), valid_tokens=valid,
-                    wav=res.wav[0], generated=None if generated is None else int(generated))
+                    wav=res.wav[0], generated=None if generated is None else int(generated), raw_tokens=raw)
 
 
 def generated_token_count(tts, case: TextCase, seed: int, syn: SynthRun) -> tuple[int, bool, torch.Tensor | None]:
     """(tokens T3 generated in ``syn``, whether that count is exact, the raw ids when known).
 
-    The pipeline reports only what it rendered, so unless it reports the count, T3 is run again
-    directly with the same seed and sampling; when that run's valid ids equal ``syn``'s, its length
-    is the count. Otherwise the rendered count stands in (a lower bound) and ``exact`` is False.
+    When the pipeline's T3 call was not seen (it no longer goes through ``t3.inference``), T3 is
+    run again directly with the same seed and sampling; when that run's valid ids equal ``syn``'s,
+    its length is the count. Otherwise the rendered count stands in (a lower bound), ``exact`` False.
     """
     if syn.generated is not None:
-        return syn.generated, True, None
+        return syn.generated, True, syn.raw_tokens
     raw = t3_tokens(tts, case, seed)
     if torch.equal(drop_invalid_tokens(raw), syn.valid_tokens):
         return raw.numel(), True, raw
@@ -235,6 +267,26 @@ def snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
     if signal == 0.0:
         return -math.inf
     return 10.0 * math.log10(signal / noise)
+
+
+# Magnitude-spectrogram comparison: insensitive to the phase drift a changed F0 or source phase
+# accumulates, which drives the waveform SNR down while the sound is the same.
+SPEC_N_FFT = 1024
+SPEC_HOP = 256
+
+
+def spectral_snr_db(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """SNR (dB) of STFT magnitudes (Hann, SPEC_N_FFT / SPEC_HOP) over the common length."""
+    n = min(reference.numel(), other.numel())
+    if n < SPEC_N_FFT:
+        return math.nan
+    window = torch.hann_window(SPEC_N_FFT, dtype=torch.float64)
+
+    def mag(x: torch.Tensor) -> torch.Tensor:
+        return torch.stft(x.detach().double().flatten()[:n], SPEC_N_FFT, SPEC_HOP, window=window,
+                          return_complex=True).abs()
+
+    return snr_db(mag(reference), mag(other))
 
 
 def token_agreement(reference: torch.Tensor, other: torch.Tensor) -> float:

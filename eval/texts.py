@@ -36,6 +36,9 @@ TEXT_SETS: dict[str, TextCase] = {
 
 # --quick: a handful of tokens on the CPU, enough to run every code path once.
 QUICK_MAX_NEW_TOKENS = 6
+# --quick speaks with a voice made from this much synthetic reference: the flow's cost grows with
+# the voice's prompt frames, and the smoke run only has to pass through every stage.
+QUICK_VOICE_SECONDS = 2.0
 
 
 def text_cases(names: list[str], max_new_tokens: int | None = None) -> list[TextCase]:

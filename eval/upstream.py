@@ -27,11 +27,12 @@ DRIVER = Path(__file__).with_name("upstream_driver.py")
 MARK = "UPSTREAM_RESULT "
 PT_FILES = ("ve.pt", "t3_cfg.pt", "s3gen.pt", "tokenizer.json")
 DEFAULT_TIMEOUT_S = 1800
+SPEECH_CODEBOOK = 6561  # S3Gen renders ids below this; T3's head also scores start/stop and unused ids
 
 
 def upstream_src(path: str | Path) -> Path | None:
     """The folder holding upstream's ``chatterbox`` package (``PATH/src`` or ``PATH``), or None."""
-    path = Path(path)
+    path = Path(path).resolve()  # the driver runs in a temporary folder: no relative paths
     for cand in (path / "src", path):
         if (cand / "chatterbox" / "tts.py").is_file():
             return cand
@@ -55,33 +56,59 @@ def synthetic_pt_dir(salt: int, cache: Path | None = None) -> tuple[Path | None,
     return out, None
 
 
-def run_upstream(path: str | Path, ckpt_dir: str | Path, device: str, cases: list[TextCase], *, seed: int,
-                 reps: int, warmup: int, chunk_size, context_window: int, reference_wav: np.ndarray,
-                 reference_sr: int, python: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
-    """Run the upstream driver; always returns a dict with ``status`` ("ok", "skipped", "failed")."""
+def probe_upstream(path: str | Path, python: str | None = None, extra_path: str | None = None,
+                   watermark: bool = False, timeout_s: float = 300) -> dict:
+    """Whether the checkout imports in the upstream interpreter: status "ok", or "skipped" with the
+    missing packages (cheap; run before writing a multi-GB checkpoint for it)."""
     src = upstream_src(path)
     if src is None:
         return {"status": "skipped", "reason": f"no chatterbox/tts.py under {path} or {path}/src"}
-    ckpt_dir = Path(ckpt_dir)
+    spec = {"src": str(src), "check_only": True, "watermark": watermark}
+    return _drive(spec, None, python, extra_path, timeout_s)
+
+
+def run_upstream(path: str | Path, ckpt_dir: str | Path, device: str, cases: list[TextCase], *, seed: int,
+                 reps: int, warmup: int, chunk_size, context_window: int, reference_wav: np.ndarray,
+                 reference_sr: int, watermark: bool = False, synthetic: bool = True, python: str | None = None,
+                 extra_path: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> dict:
+    """Run the upstream driver; always returns a dict with ``status`` ("ok", "skipped", "failed").
+
+    ``watermark`` False replaces upstream's (unconditional) Perth watermarker by a pass-through, so
+    both sides run without it; ``extra_path`` is prepended to the subprocess's PYTHONPATH (where
+    upstream's own packages live, e.g. pinned transformers). ``synthetic`` masks the speech logits
+    past the code book (upstream would hand those ids to S3Gen)."""
+    src = upstream_src(path)
+    if src is None:
+        return {"status": "skipped", "reason": f"no chatterbox/tts.py under {path} or {path}/src"}
+    ckpt_dir = Path(ckpt_dir).resolve()
     absent = [f for f in PT_FILES if not (ckpt_dir / f).is_file()]
     if absent:
         return {"status": "skipped", "reason": f"{ckpt_dir} lacks {', '.join(absent)} (upstream reads .pt files)"}
     if isinstance(chunk_size, (list, tuple)):
         return {"status": "skipped", "reason": "upstream takes one integer chunk_size, not a schedule"}
+    spec = {"src": str(src), "ckpt_dir": str(ckpt_dir), "device": device, "seed": seed, "reps": reps,
+            "warmup": warmup, "chunk_size": chunk_size, "context_window": context_window,
+            "texts": [asdict(c) for c in cases], "watermark": watermark, "mask_invalid_ids": synthetic,
+            "speech_codebook": SPEECH_CODEBOOK}
+    return _drive(spec, (reference_wav, reference_sr), python, extra_path, timeout_s)
+
+
+def _drive(spec: dict, reference: tuple[np.ndarray, int] | None, python: str | None, extra_path: str | None,
+           timeout_s: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="ab-upstream-") as tmp:
         tmp = Path(tmp)
-        import soundfile
+        if reference is not None:
+            import soundfile
 
-        ref_path = tmp / "reference.wav"
-        soundfile.write(str(ref_path), reference_wav, reference_sr)
-        spec = {"src": str(src), "ckpt_dir": str(ckpt_dir), "device": device, "seed": seed, "reps": reps,
-                "warmup": warmup, "chunk_size": chunk_size, "context_window": context_window,
-                "reference_wav": str(ref_path), "texts": [asdict(c) for c in cases]}
+            spec["reference_wav"] = str(tmp / "reference.wav")  # upstream's prepare_conditionals reads a file
+            soundfile.write(spec["reference_wav"], reference[0], reference[1])
         (tmp / "spec.json").write_text(json.dumps(spec))
         # A copy outside this repository, so the driver's own folder puts nothing of ours on sys.path.
         driver = shutil.copy(DRIVER, tmp / "driver.py")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(_foreign_paths(env.get("PYTHONPATH", "")))
+        extra = [str(Path(p).resolve()) for p in (extra_path or "").split(os.pathsep) if p]
+        paths = extra + _foreign_paths(env.get("PYTHONPATH", ""))
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
         try:
             proc = subprocess.run([python or sys.executable, str(driver), str(tmp / "spec.json")], cwd=tmp, env=env,

@@ -42,10 +42,28 @@ def missing_modules() -> list[str]:
     return out
 
 
+class _NoWatermark:
+    """Stands in for perth's watermarker when the comparison runs without watermarking (as ours
+    does when resemble-perth is not installed): upstream imports perth unconditionally."""
+
+    def apply_watermark(self, wav, sample_rate=None, **kwargs):
+        return wav
+
+
+def _stub_perth() -> None:
+    import types
+
+    module = types.ModuleType("perth")
+    module.PerthImplicitWatermarker = _NoWatermark
+    sys.modules["perth"] = module
+
+
 def run(spec: dict) -> dict:
     src = os.path.realpath(spec["src"])
     sys.path.insert(0, src)
-    missing = missing_modules()
+    if not spec.get("watermark", True):
+        _stub_perth()
+    missing = [m for m in missing_modules() if not (m.startswith("perth") and "perth" in sys.modules)]
     if missing:
         return {"status": "skipped", "reason": "missing " + ", ".join(missing)}
     import torch
@@ -54,9 +72,13 @@ def run(spec: dict) -> dict:
         import chatterbox
         from chatterbox.tts import ChatterboxTTS
     except ModuleNotFoundError as exc:
+        if exc.name == "chatterbox" or str(exc.name).startswith("chatterbox."):
+            return {"status": "failed", "reason": f"upstream package not importable from {src}: {exc}"}
         return {"status": "skipped", "reason": f"missing {exc.name}"}
     if not os.path.realpath(chatterbox.__file__).startswith(src + os.sep):
         return {"status": "failed", "reason": f"'chatterbox' resolved to {chatterbox.__file__}, not under {src}"}
+    if spec.get("check_only"):
+        return {"status": "ok", "checked": "imports"}
 
     device = torch.device(spec["device"])
     cuda = device.type == "cuda"
@@ -95,6 +117,13 @@ def run(spec: dict) -> dict:
         kwargs["max_new_tokens"] = bound["n"]
         return inference_stream(*args, **kwargs)
 
+    if spec.get("mask_invalid_ids"):
+        # Synthetic weights sample ids past S3Gen's code book, which upstream passes on to S3Gen's
+        # embedding (a device assert); the same logit bias its audit harness used keeps them out.
+        head = tts.t3.speech_head
+        bias = torch.zeros(head.out_features, device=device)
+        bias[spec["speech_codebook"]:] = -1e4
+        head.register_forward_hook(lambda _m, _i, out: out + bias.to(out.dtype))
     tts.t3.inference = timed_t3
     tts.s3gen.inference = timed_s3gen
     tts.inference_stream = bounded_stream

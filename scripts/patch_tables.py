@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from eval import report  # noqa: E402
 
 MARKER = re.compile(
-    r"(?P<open><!-- (?P<kind>table|stages):(?P<path>[^:\s>]+)(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
+    r"(?P<open><!-- (?P<kind>table|stages):(?P<path>[^:\s>]+)"
+    r"(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
     r"\n(?P<body>.*?)(?P<close><!-- /(?P=kind) -->)",
     re.S,
 )

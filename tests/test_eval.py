@@ -32,7 +32,8 @@ def fake_result(ref_t3=(2.0, 2.2, 1.8), fast_t3=(0.5, 0.4, 0.6), tokens=100) -> 
                 samples.append({"kind": "stream", "config": name, "rep": rep, "text": text,
                                 "ttfa_s": ttfa * (1 + rep), "total_s": t3 + 1.0, "audio_s": 4.0, "chunks": 4})
             samples.append({"kind": "conds", "config": name, "rep": rep, "prepare_conditionals_s": 0.09})
-            samples.append({"kind": "memory", "config": name, "rep": rep, "peak_mem_gb": 4.0 if name == "reference" else 2.0})
+            peak = 4.0 if name == "reference" else 2.0
+            samples.append({"kind": "memory", "config": name, "rep": rep, "peak_mem_gb": peak})
     return {
         "env": {"device_name": "Test GPU", "torch": "2.9.1", "git_commit": "0123456789abcdef"},
         "checkpoint": {"kind": "synthetic"},
@@ -75,7 +76,8 @@ def test_summary_headlines_and_ratios():
     assert ref["t3_tokens_per_s"] == pytest.approx(100 / 2.0)
     assert fast["t3_tokens_per_s"] == pytest.approx(100 / 0.5)
     assert fast["t3_decode_ms_per_token"] == pytest.approx(1000 * (0.5 - 0.05) / 99)
-    assert ref["ttfa_p50_s"] == pytest.approx(1.0) and ref["ttfa_p95_s"] == pytest.approx(np.percentile([0.5, 1.0, 1.5], 95))
+    assert ref["ttfa_p50_s"] == pytest.approx(1.0)
+    assert ref["ttfa_p95_s"] == pytest.approx(np.percentile([0.5, 1.0, 1.5], 95))
     assert ref["rtf"] == pytest.approx(2.5 / 4.0)
     assert fast["stream_rtf"] == pytest.approx(1.5 / 4.0)
     assert fast["peak_mem_gb"] == 2.0 and ref["prepare_conditionals_s"] == pytest.approx(0.09)
@@ -85,7 +87,8 @@ def test_summary_headlines_and_ratios():
     assert fast["vs_reference"]["peak_mem_gb"] == pytest.approx(0.5)
     assert fast["stages_s"]["cfm"] == pytest.approx(0.2) and fast["stages_s"]["t3_decode"] == pytest.approx(0.45)
     assert fast["headline_texts"] == {"latency": "short", "throughput": "long"}
-    for key in ("t3_tokens_per_s", "ttfa_p50_s", "ttfa_p95_s", "stream_rtf", "rtf", "peak_mem_gb", "snr_db_vs_reference"):
+    for key in ("t3_tokens_per_s", "ttfa_p50_s", "ttfa_p95_s", "stream_rtf", "rtf", "peak_mem_gb",
+                "snr_db_vs_reference"):
         assert key in fast
 
 
@@ -120,6 +123,47 @@ def test_plots_are_written_or_skipped_with_a_note(tmp_path):
     else:
         assert note is None and [p.name for p in paths] == ["r-latency.png", "r-stages.png"]
         assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_spectral_snr_ignores_a_phase_shift_that_ruins_the_waveform_snr():
+    t = torch.arange(24000, dtype=torch.float64) / 24000
+    a = torch.sin(2 * math.pi * 220 * t)
+    b = torch.sin(2 * math.pi * 220 * t + 1.0)
+    assert stages.snr_db(a, b) < 3.0
+    assert stages.spectral_snr_db(a, b) > 20.0
+    assert stages.spectral_snr_db(a, a) == math.inf
+    assert math.isnan(stages.spectral_snr_db(a[:100], a[:100]))
+
+
+class _FakeT3(torch.nn.Module):
+    def inference(self, n: int) -> torch.Tensor:
+        return torch.arange(n)[None].repeat(2, 1)  # (2, n): the CFG pair, invalid ids included
+
+
+class _FakeTTS:
+    """Just enough pipeline for run_synthesize: it renders the even ids of what T3 returns."""
+    sr = 24000
+    device = torch.device("cpu")
+
+    def __init__(self):
+        self.t3 = _FakeT3()
+
+    def synthesize(self, text, seed=0, max_new_tokens=10, watermark=False, timer=None):
+        from types import SimpleNamespace
+
+        raw = self.t3.inference(max_new_tokens)[0]
+        return SimpleNamespace(wav=torch.zeros(1, 480 * max_new_tokens), speech_tokens=[raw[::2]],
+                               timings={"t3": 0.5})
+
+
+def test_run_synthesize_counts_every_generated_token_and_unwraps_t3():
+    tts = _FakeTTS()
+    syn = stages.run_synthesize(tts, text_cases(["short"], 9)[0], seed=0, watermark=False)
+    assert syn.generated == 9 and syn.valid_tokens.numel() == 5
+    assert torch.equal(syn.raw_tokens, torch.arange(9)) and syn.audio_s == pytest.approx(480 * 9 / 24000)
+    assert "inference" not in vars(tts.t3)  # the pass-through wrapper is gone
+    count, exact, raw = stages.generated_token_count(tts, text_cases(["short"], 9)[0], 0, syn)
+    assert (count, exact) == (9, True)
 
 
 # ------------------------------------------------------------------------------------- inputs
@@ -193,6 +237,7 @@ def test_quick_run_end_to_end(tmp_path):
     ref = res["summary"]["reference"]
     assert ref["t3_tokens_per_s"] > 0 and ref["rtf"] > 0 and ref["prepare_conditionals_s"] > 0
     assert ref["snr_db_vs_reference"] == "inf" and ref["token_agreement"] == 1.0
+    assert ref["spec_snr_db_vs_reference"] == "inf" and "quick" in res["checkpoint"]["voice"]
     fid = res["fidelity"]["reference"]["short"]
     assert fid["t3_tokens"] == 6 and len(fid["tokens"]) == 6
     synth = [s for s in res["samples"] if s["kind"] == "synth"]
