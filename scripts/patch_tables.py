@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the measured tables inside patches/*.md from committed eval/results JSON files.
 
-    python scripts/patch_tables.py            # rewrite every table in patches/*.md in place
+    python scripts/patch_tables.py            # rewrite every table in patches/*.md (not README.md) in place
     python scripts/patch_tables.py --check    # exit 1 when a table differs from its JSON
     python scripts/patch_tables.py FILE.md ...
 
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table drifted")
     ap.add_argument("--root", type=Path, default=ROOT, help="where result paths are relative to")
     args = ap.parse_args(argv)
-    files = args.files or sorted((args.root / "patches").glob("*.md"))
+    # README.md documents the markers (with examples): it holds no tables of its own
+    files = args.files or sorted(f for f in (args.root / "patches").glob("*.md") if f.name != "README.md")
     cache: dict = {}
     drifted, tables = [], 0
     for f in files:

@@ -192,6 +192,7 @@ def test_patch_tables_rewrites_and_check_detects_drift(tmp_path):
     record = tmp_path / "patches" / "01-x.md"
     record.write_text("# 01\n\n<!-- table:eval/results/r.json:fast:t3_tokens_per_s,rtf -->\nstale\n<!-- /table -->\n"
                       "\n<!-- stages:eval/results/r.json -->\n<!-- /stages -->\nend\n")
+    (tmp_path / "patches" / "README.md").write_text("<!-- table:eval/results/NAME.json -->\n<!-- /table -->\n")
     assert patch_tables.main(["--root", str(tmp_path), "--check"]) == 1
     assert patch_tables.main(["--root", str(tmp_path)]) == 0
     text = record.read_text()
