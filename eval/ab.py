@@ -4,11 +4,13 @@
         [--text-set short,long] [--reps N] [--out eval/results/NAME] [--ckpt DIR] [--upstream PATH]
     python -m eval.ab --quick          # CPU smoke run: tiny token budget, one rep
 
-Phases: (1) fidelity, once per configuration, reference first: T3 tokens under the fixed seed and
-the reference's tokens rendered through this configuration's S3Gen (same CFM and source noise);
-(2) warm-up per configuration; (3) ``--reps`` rounds, configurations interleaved (A B A B ...),
-each round: set_opt, synthesize and stream every text set, time prepare_conditionals on a 10 s
-reference, record peak GPU memory. Output: NAME.json, NAME.md, NAME-latency.png, NAME-stages.png.
+Phases: (1) fidelity, once per configuration, reference first: ``synthesize`` under the fixed
+seed (its tokens against the reference's) and the reference's tokens rendered through this
+configuration's S3Gen (same CFM and source noise); (2) ``--warmup`` untimed rounds; (3) ``--reps``
+timed rounds, configurations interleaved (A B A B ...), each: set_opt, synthesize and stream every
+text set, time prepare_conditionals on a 10 s reference, record peak GPU memory. A configuration
+that fails is dropped with its reason; reference cannot fail. Every round uses the same seed.
+Output: NAME.json, NAME.md, NAME-latency.png, NAME-stages.png (see patches/README.md).
 """
 from __future__ import annotations
 
@@ -53,8 +55,6 @@ def resolve_config(spec: str):
 
 def resolve_configs(specs: list[str]) -> tuple[list[tuple[str, object]], list[dict]]:
     """[(name, OptConfig)] with reference first (added when absent), and the skipped ones."""
-    if report.REFERENCE not in specs:
-        specs = [report.REFERENCE] + specs
     specs = [report.REFERENCE] + [s for s in dict.fromkeys(specs) if s != report.REFERENCE]
     ok, skipped = [], []
     for spec in specs:
