@@ -63,6 +63,7 @@ class ChatterboxTTS:
         self.split_cfg = TextSplitConfig.published()
         self._watermarker: Watermarker | None = None
         self.opt = OptConfig.reference()
+        self.opt_state = None  # what the passes did, and the CUDA-graph runners they made
         self.set_opt(opt or OptConfig.reference())
 
     # ------------------------------------------------------------------ loading
@@ -109,8 +110,16 @@ class ChatterboxTTS:
         """Switch optimisation settings on the loaded model (passes are applied to the modules)."""
         from .opt import apply_opt
 
-        apply_opt(self, opt)
+        self.opt_state = apply_opt(self, opt)
         self.opt = opt
+
+    @property
+    def _t3_decoder(self):
+        return getattr(self.opt_state, "t3_decoder", None)
+
+    @property
+    def _cfm_estimator(self):
+        return getattr(self.opt_state, "cfm_estimator", None)
 
     # ------------------------------------------------------------------ voice
     def prepare_conditionals(self, wav_fpath, exaggeration: float = 0.5,
@@ -179,7 +188,8 @@ class ChatterboxTTS:
                     speech = self.t3.inference(
                         conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
                         cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                        order=RESEMBLE_ORDER, generator=sample_gen, stop_check_every=self.opt.stop_check_every)
+                        order=RESEMBLE_ORDER, generator=sample_gen, stop_check_every=self.opt.stop_check_every,
+                        decoder=self._t3_decoder)
                 tokens = drop_invalid_tokens(speech[0])
                 tokens_out.append(tokens)
                 if tokens.numel() == 0:
@@ -187,7 +197,7 @@ class ChatterboxTTS:
                     continue
                 with timer.stage("flow"):
                     mel = self.s3gen.flow_inference(tokens, conds.gen, cfm_noise=cfm_noise,
-                                                    n_timesteps=self.opt.cfm_steps)
+                                                    n_timesteps=self.opt.cfm_steps, estimator=self._cfm_estimator)
                 with timer.stage("hift"):
                     wav, _ = self.s3gen.hift_inference(mel, generator=sample_gen)
                     wavs.append(self.s3gen.apply_trim_fade(wav))
@@ -257,7 +267,8 @@ class ChatterboxTTS:
                 tokens_iter = self.t3.generate_tokens(
                     conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
                     cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                    order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every)
+                    order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every,
+                    decoder=self._t3_decoder)
                 flow_state = init_flow_stream(self.s3gen, conds.gen)
                 voc_state = streamer.init_state(1, self.device, StreamNoise.drawn(sample_gen))
             segment_samples = 0
@@ -287,7 +298,8 @@ class ChatterboxTTS:
                                  else torch.zeros(0, dtype=torch.long, device=self.device))
                         with timer.stage("flow"):
                             mel, flow_state = flow_stream_step(self.s3gen, conds.gen, flow_state, valid, cfm_noise,
-                                                               flow_cfg, final=done, n_timesteps=self.opt.cfm_steps)
+                                                               flow_cfg, final=done, n_timesteps=self.opt.cfm_steps,
+                                                               estimator=self._cfm_estimator)
                         with timer.stage("vocoder"):
                             wav, voc_state = streamer.push(mel, voc_state, final=done)
                             wav = self._fade_stream_start(wav, segment_samples)
