@@ -30,7 +30,7 @@ from chatterbox.models.t3.t3 import T3, T3Config
 from chatterbox.models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
 from chatterbox.nn.conv import Conv1d, ConvTranspose1d
 from chatterbox.nn.cuda_graph import DISABLE_ENV, CudaGraph, GraphSignatureError
-from chatterbox.opt import COMPONENTS, OptConfig
+from chatterbox.opt import COMPONENTS, ComponentOpt, OptConfig
 from chatterbox.passes import OptState, apply_opt, apply_to_components, pipeline_components, reset_components
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_parse_specs_aliases_and_round_trip():
     assert opt.autograd_mode == "no_grad" and opt.cfm_estimator.compile == "max-autotune"
     assert OptConfig.parse(opt.to_spec()) == opt
     assert OptConfig.parse("fast") == OptConfig.fast()
-    assert OptConfig.parse("fast+t3.cuda_graphs=off").t3 == OptConfig.fast().t3.__class__(dtype="bfloat16")
+    assert OptConfig.parse("fast+t3.cuda_graphs=off").t3 == ComponentOpt(dtype="bfloat16")
     assert OptConfig.parse("t3.dtype=fp16").t3.dtype == "float16"  # no preset: reference
     assert OptConfig.parse("reference+cfm_estimator.compile=none").cfm_estimator.compile is None
     assert OptConfig.reference().to_spec() == "reference"

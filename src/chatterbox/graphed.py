@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_T3_WINDOW = 128
 DEFAULT_CFM_BUCKET = 64
+# Warm-up runs plus the first replay of a capture, each writing one scratch cache slot.
+_MIN_WINDOW = 4
 # Graphs kept per runner before the least recently used one is dropped.
 DEFAULT_MAX_GRAPHS = 64
 
@@ -90,8 +92,8 @@ class T3GraphDecoder:
 
     def __init__(self, t3: T3, window: int = DEFAULT_T3_WINDOW, enabled: bool | None = None,
                  max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        if window < _MIN_WINDOW:
+            raise ValueError(f"window must be >= {_MIN_WINDOW} (capture runs that many scratch steps), got {window}")
         self.t3 = t3
         self.window = window
         self.enabled = enabled
@@ -166,16 +168,29 @@ class T3GraphDecoder:
                           enabled=self._graphed(self._state.logits.device), clone_outputs=False,
                           pool=self._pool, generators=(self._gen,) if self._graphed(self._state.logits.device) else ())
         if graph.enabled:
-            # Warm-up and capture run the step for real: keep the live session's state (the cache
-            # slot they write is the one the next real step overwrites before reading it).
-            saved, gen_state = self._state.snapshot(), self._gen.get_state()
-            graph()
-            self._state.restore(saved)
-            self._gen.set_state(gen_state)
+            self._capture_preserving_state(graph, slots - 1, width)
         self._graphs[key] = graph
         while len(self._graphs) > self.max_graphs:
             self._graphs.popitem(last=False)
         return graph
+
+    def _capture_preserving_state(self, graph: CudaGraph, position: int, width: int) -> None:
+        """Capture ``graph`` mid-session: the warm-up runs and the first replay execute the step for
+        real, so they run at in-window scratch slots whose cache contents, like the step buffers and
+        the generator, are put back afterwards."""
+        runs = graph.warmup + 1
+        start = max(0, min(position, width - runs))
+        state, cache = self._state, self._cache
+        saved, gen_state = state.snapshot(), self._gen.get_state()
+        slots = slice(start, start + runs)
+        saved_k, saved_v = cache.k[:, :, :, slots].clone(), cache.v[:, :, :, slots].clone()
+        state.position.fill_(start)
+        state.speech_position.fill_(1)
+        graph()
+        cache.k[:, :, :, slots].copy_(saved_k)
+        cache.v[:, :, :, slots].copy_(saved_v)
+        state.restore(saved)
+        self._gen.set_state(gen_state)
 
     def _step_fn(self, width: int, sampling: SamplingConfig):
         t3, state, gen = self.t3, self._state, self._gen
