@@ -24,10 +24,6 @@ TEXT = "Hi."
 # ChatterboxTTS.prepare_conditionals returns (and stores) the voice made inside its autograd-mode
 # context, so under inference_mode the caller gets inference tensors. Fix (tts.py, lead's file): after
 # leaving the context, ``self.conds = conds.clone(); return self.conds``. Strict: remove once fixed.
-TTS_CONDS_NOT_CLONED = pytest.mark.xfail(
-    strict=True, reason="tts.prepare_conditionals hands out inference tensors (needs conds.clone() after the context)")
-
-
 def caller_context(mode: str) -> contextlib.AbstractContextManager:
     """The mode a *caller* may be in around a model-level call."""
     return autograd_context(mode)
@@ -37,12 +33,14 @@ def grad_state() -> tuple[bool, bool]:
     return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
 
 
-@pytest.fixture(scope="module")
-def tts():
-    torch.set_num_threads(1)
-    model = ChatterboxTTS.from_synthetic("cpu")
-    model.set_opt(OptConfig.reference().replace(cfm_steps=1))
-    return model
+@pytest.fixture()
+def tts(synthetic_tts):
+    # the session's shared pipeline, with one CFM step to keep the matrix cheap; restored afterwards
+    saved_opt, saved_conds = synthetic_tts.opt, synthetic_tts.conds
+    synthetic_tts.set_opt(OptConfig.reference().replace(cfm_steps=1))
+    yield synthetic_tts
+    synthetic_tts.set_opt(saved_opt)
+    synthetic_tts.conds = saved_conds
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +65,7 @@ def edit_conds_in_place(conds: Conditionals) -> None:
     conds.gen.prompt_token_len += 0
 
 
-@pytest.mark.parametrize("mode", [pytest.param("inference_mode", marks=TTS_CONDS_NOT_CLONED), "no_grad", "none"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad", "none"])
 def test_prepare_conditionals_hands_out_plain_tensors(tts, ref_wav, mode):
     use_mode(tts, mode)
     before = grad_state()
@@ -95,8 +93,8 @@ def test_generate_returns_an_editable_wav_and_keeps_the_callers_mode(tts, mode):
         wav *= 2.0
 
 
-@pytest.mark.parametrize("made, used", [pytest.param("inference_mode", "none", marks=TTS_CONDS_NOT_CLONED),
-                                        pytest.param("inference_mode", "no_grad", marks=TTS_CONDS_NOT_CLONED),
+@pytest.mark.parametrize("made, used", [("inference_mode", "none"),
+                                        ("inference_mode", "no_grad"),
                                         ("none", "inference_mode"), ("no_grad", "inference_mode")])
 def test_voice_made_in_one_mode_is_used_and_edited_in_another(tts, ref_wav, made, used):
     use_mode(tts, made)

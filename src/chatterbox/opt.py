@@ -106,20 +106,19 @@ class OptConfig:
 
     @classmethod
     def fast(cls) -> "OptConfig":
-        """Best guess for one H100 before GPU A/B runs (it will be re-tuned from measurements).
+        """The best configuration measured on one H100 (eval/results/h100-ab.json, patches/).
 
         bf16 where the weights dominate (T3's 0.5 B-parameter decoder, the CFM estimator run
         2 x cfm_steps times per utterance); CUDA graphs for the T3 decode step (one replay per token)
-        and the estimator (bucketed lengths); channels_last only for HiFT, whose time is ~90 %
-        convolutions. The flow encoder, tokenizer, CAMPPlus and voice encoder run once per call or
-        per voice and stay fp32. No torch.compile: its warm-up cost and recompiles on new lengths
+        and the estimator (bucketed lengths). channels_last is off everywhere: on HiFT it measured
+        slower (patches/04). The flow encoder, tokenizer, CAMPPlus and voice encoder run once per
+        call or per voice and stay fp32. No torch.compile: its warm-up cost and recompiles on new lengths
         outweigh the gain once launches are graphed. Stop checks every 4 tokens: with graphed decode
         the host sync is cheap and fewer tokens are decoded past the stop.
         """
         return cls(
             t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
             cfm_estimator=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
-            hift=ComponentOpt(channels_last=True),
             autograd_mode="inference_mode",
             attention_backend="sdpa",
             stop_check_every=4,

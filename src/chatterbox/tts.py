@@ -127,8 +127,9 @@ class ChatterboxTTS:
         """Make the voice from a reference recording (file path, or array/tensor + ``sample_rate``)."""
         with autograd_context(self.opt.autograd_mode):
             conds = prepare_conditionals(self.s3gen, self.ve, wav_fpath, exaggeration, sample_rate, self.voice_cfg)
-        self.conds = conds
-        return conds
+        # copied outside the autograd-mode context: the caller gets ordinary tensors it may edit
+        self.conds = conds.clone()
+        return self.conds
 
     def _resolve_conds(self, audio_prompt_path, exaggeration: float) -> Conditionals:
         if audio_prompt_path is not None:
