@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookahead", type=int, default=3)
     ap.add_argument("--contexts", default="0,10,25,50,100")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--commit", default=None, help="commit to record when the tree has no .git")
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "stream_fidelity_cpu"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with torch.inference_mode():
         (mel_ref, wav_ref), t_one = timed(device, lambda: _one_shot(s3gen, ref, tokens, noise))
+        mel_ref, wav_ref = mel_ref.cpu(), wav_ref.cpu()
         log.info("one-shot: %d frames in %.2f s", mel_ref.shape[-1], t_one)
         for context in [int(c) for c in args.contexts.split(",")]:
             counter = {"tokens": 0, "calls": 0}
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             wav_legacy, t_legacy = timed(device, lambda: legacy(s3gen, ref, tokens, noise, args.chunk, context))
             legacy_work = dict(counter)
             del s3gen.flow_inference  # back to the class method
+            mel, wav, wav_legacy = mel.cpu(), wav.cpu(), wav_legacy.cpu()
             row = {
                 "context_window": context,
                 "ours": {"mel_snr_db": snr_db(mel_ref, mel), "wav_snr_db": snr_db(wav_ref, wav),
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
     result = {
         "schema": "chatterbox-fast/stream-fidelity/1",
-        "environment": environment(device),
+        "environment": environment(device, args.commit),
         "weights": "synthetic salt 0",
         "config": {"tokens": args.tokens, "chunk": args.chunk, "lookahead_tokens": args.lookahead,
                    "prompt_tokens": int(ref.prompt_token.shape[1]), "vocoder_noise": "zeros",
