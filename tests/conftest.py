@@ -34,8 +34,12 @@ def _deterministic_threads():
 
 @pytest.fixture(scope="session")
 def synthetic_tts():
-    """The full-size pipeline on synthetic weights, built once per test session (~35 s on CPU)."""
-    from chatterbox import ChatterboxTTS
+    """The full-size pipeline on synthetic weights, built once per test session (~35 s on CPU).
+
+    Two CFM steps instead of ten: what these tests check (API, modes, reproducibility, shapes) does
+    not depend on the step count, and the flow dominates CPU time. Parity tests use ten.
+    """
+    from chatterbox import ChatterboxTTS, OptConfig
 
     torch.set_num_threads(2)
-    return ChatterboxTTS.from_synthetic("cpu")
+    return ChatterboxTTS.from_synthetic("cpu", opt=OptConfig.reference().replace(cfm_steps=2))

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 S3GEN_SR = 24000
 S3_SR = 16000
 _SEED_RANGE = 2**62
+_VOCODER_SEED_OFFSET = 0x5EED  # any fixed offset: keeps the vocoder's stream apart from T3's
 
 
 @dataclass
@@ -177,8 +178,7 @@ class ChatterboxTTS:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         seed = self._seed(seed)
         timer = timer or StageTimer(self.device)
-        sample_gen = torch.Generator(device=self.device).manual_seed(seed)
-        noise_gen = torch.Generator().manual_seed(seed)
+        sample_gen, vocoder_gen, noise_gen = self._generators(seed)
         wavs, tokens_out = [], []
         with autograd_context(self.opt.autograd_mode):
             with timer.stage("conditionals"):
@@ -200,7 +200,7 @@ class ChatterboxTTS:
                     mel = self.s3gen.flow_inference(tokens, conds.gen, cfm_noise=cfm_noise,
                                                     n_timesteps=self.opt.cfm_steps, estimator=self._cfm_estimator)
                 with timer.stage("hift"):
-                    wav, _ = self.s3gen.hift_inference(mel, generator=sample_gen)
+                    wav, _ = self.s3gen.hift_inference(mel, generator=vocoder_gen)
                     wavs.append(self.s3gen.apply_trim_fade(wav))
             wav = torch.cat(wavs, dim=-1) if wavs else torch.zeros(1, 0, device=self.device)
         wav = wav.detach().float().to("cpu").clone()  # a plain tensor, made outside the autograd-mode context
@@ -217,6 +217,15 @@ class ChatterboxTTS:
         if self._watermarker is None:
             self._watermarker = Watermarker()
         return self._watermarker.apply(wav, self.sr)
+
+    def _generators(self, seed: int) -> tuple[torch.Generator, torch.Generator, torch.Generator]:
+        """T3 sampling, vocoder draws (device) and the CFM noise table (CPU): separate streams, so the
+        speech tokens of a seed do not depend on how the vocoder consumes randomness (one-shot or
+        streamed)."""
+        sample_gen = torch.Generator(device=self.device).manual_seed(seed)
+        vocoder_gen = torch.Generator(device=self.device).manual_seed(seed + _VOCODER_SEED_OFFSET)
+        noise_gen = torch.Generator().manual_seed(seed)
+        return sample_gen, vocoder_gen, noise_gen
 
     @staticmethod
     def _seed(seed: int | None) -> int:
@@ -253,8 +262,7 @@ class ChatterboxTTS:
         schedule = chunk_schedule(chunk_size)
         flow_cfg = FlowStreamConfig(context_window=context_window, lookahead_tokens=lookahead_tokens)
         seed = self._seed(seed)
-        sample_gen = torch.Generator(device=self.device).manual_seed(seed)
-        noise_gen = torch.Generator().manual_seed(seed)
+        sample_gen, vocoder_gen, noise_gen = self._generators(seed)
         if watermark is None:
             watermark = watermark_available()
         metrics = StreamingMetrics()
@@ -271,7 +279,7 @@ class ChatterboxTTS:
                     order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every,
                     decoder=self._t3_decoder)
                 flow_state = init_flow_stream(self.s3gen, conds.gen)
-                voc_state = streamer.init_state(1, self.device, StreamNoise.drawn(sample_gen))
+                voc_state = streamer.init_state(1, self.device, StreamNoise.drawn(vocoder_gen))
             segment_samples = 0
             pending: list[torch.Tensor] = []
             done = False
