@@ -311,7 +311,7 @@ class ChatterboxTTS:
                                                                estimator=self._cfm_estimator)
                         with timer.stage("vocoder"):
                             wav, voc_state = streamer.push(mel, voc_state, final=done)
-                            wav = self._fade_stream_start(wav, segment_samples)
+                            wav = self.s3gen.apply_trim_fade(wav, offset=segment_samples)
                         audio = wav.detach().float().to("cpu")
                     audio = audio.clone()  # a plain tensor, made outside the autograd-mode context
                     if watermark and audio.shape[1]:
@@ -344,11 +344,3 @@ class ChatterboxTTS:
             log.info("stream done: %d chunks, %.3f s of audio in %.3f s (RTF %s)", metrics.chunk_count,
                      metrics.total_audio_duration, metrics.total_generation_time,
                      f"{metrics.rtf:.3f}" if metrics.rtf is not None else "n/a")
-
-    def _fade_stream_start(self, wav: torch.Tensor, offset: int) -> torch.Tensor:
-        """The one-shot trim fade, applied to whatever part of the first 2n samples this piece holds."""
-        fade = self.s3gen.trim_fade
-        if offset >= fade.shape[0] or wav.shape[-1] == 0:
-            return wav
-        n = min(fade.shape[0] - offset, wav.shape[-1])
-        return torch.cat([wav[..., :n] * fade[offset:offset + n].to(wav.dtype), wav[..., n:]], dim=-1)

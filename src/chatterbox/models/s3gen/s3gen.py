@@ -165,10 +165,14 @@ class S3Gen(nn.Module):
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mel2wav(mel, noise=noise, generator=generator)
 
-    def apply_trim_fade(self, wav: torch.Tensor) -> torch.Tensor:
-        n = min(self.trim_fade.shape[0], wav.shape[-1])
-        faded = wav[..., :n] * self.trim_fade[:n].to(wav.dtype)
-        return torch.cat([faded, wav[..., n:]], dim=-1)
+    def apply_trim_fade(self, wav: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """The trim fade on ``wav``, whose first sample is sample ``offset`` of the rendering (a
+        streamed piece passes how many samples came before it)."""
+        fade = self.trim_fade
+        if offset >= fade.shape[0] or wav.shape[-1] == 0:
+            return wav
+        n = min(fade.shape[0] - offset, wav.shape[-1])
+        return torch.cat([wav[..., :n] * fade[offset:offset + n].to(wav.dtype), wav[..., n:]], dim=-1)
 
     def inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
                   source_noise: SourceNoise | None = None, generator: torch.Generator | None = None,
