@@ -76,6 +76,11 @@ class OptConfig:
     stop_check_every: int = 8
     # CUDA-graphed CFM estimator: the frame count is padded up to a multiple of this (one graph each).
     cfm_bucket_frames: int = 64
+    # T3 decode with packed q/k/v and gate/up projection weights (4 GEMMs a layer instead of 7);
+    # the per-layer pieces are what ``t3.compile`` compiles when the decode step is CUDA-graphed.
+    t3_fused_decode: bool = False
+    # Streaming: S3Gen of chunk k runs on a side CUDA stream while T3 decodes chunk k+1.
+    overlap_s3gen: bool = False
 
     def __post_init__(self) -> None:
         if self.autograd_mode not in AUTOGRAD_MODES:
@@ -141,7 +146,7 @@ class OptConfig:
         Component fields: ``dtype`` (float32|bfloat16|float16, or fp32/bf16/fp16), ``channels_last``
         and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
         Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
-        ``cfm_bucket_frames``.
+        ``cfm_bucket_frames``, ``t3_fused_decode`` and ``overlap_s3gen`` (booleans).
         """
         if not isinstance(spec, str):
             raise TypeError(f"an OptConfig spec is a str, got {type(spec).__name__}")
@@ -167,6 +172,11 @@ class OptConfig:
             return self.with_component(comp, **{fname: _component_value(fname, value)})
         if key in ("autograd_mode", "attention_backend"):
             return self.replace(**{key: value})
+        if key in ("t3_fused_decode", "overlap_s3gen"):
+            low = value.lower()
+            if low not in _TRUE + _FALSE:
+                raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")
+            return self.replace(**{key: low in _TRUE})
         if key in ("cfm_steps", "stop_check_every", "cfm_bucket_frames"):
             try:
                 number = int(value)
@@ -192,7 +202,7 @@ class OptConfig:
                 continue
             value = getattr(self, f.name)
             if value != getattr(base, f.name):
-                items.append(f"{f.name}={value}")
+                items.append(f"{f.name}={int(value) if isinstance(value, bool) else value}")
         return _SPEC_SEPARATOR.join(["reference", *items])
 
     # ------------------------------------------------------------------ edits
