@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models.t3.fused_decode import FusedDecoder, allocate_stacked_cache
 from .models.t3.llama import KVCache
 from .models.t3.sampling import SamplingConfig, cfg_mix, mark_seen, process_logits
 from .models.t3.t3 import CFG_BATCH, T3
@@ -91,10 +92,13 @@ class T3GraphDecoder:
     """
 
     def __init__(self, t3: T3, window: int = DEFAULT_T3_WINDOW, enabled: bool | None = None,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS) -> None:
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, fused: FusedDecoder | None = None) -> None:
         if window < _MIN_WINDOW:
             raise ValueError(f"window must be >= {_MIN_WINDOW} (capture runs that many scratch steps), got {window}")
+        if fused is not None and fused.cfg != t3.cfg.llama:
+            raise ValueError("the fused decoder was packed from another backbone")
         self.t3 = t3
+        self.fused = fused
         self.window = window
         self.enabled = enabled
         self.max_graphs = max_graphs
@@ -115,7 +119,10 @@ class T3GraphDecoder:
         length = max(min_len, min(length, self.t3.cfg.llama.max_position_embeddings))
         self.reset()
         with torch.inference_mode(False):
-            self._cache = self.t3.init_cache(CFG_BATCH, length, device, dtype)
+            if self.fused is not None:
+                self._cache = allocate_stacked_cache(self.t3.cfg.llama, CFG_BATCH, length, device, dtype)
+            else:
+                self._cache = self.t3.init_cache(CFG_BATCH, length, device, dtype)
         return self._cache
 
     def reset(self) -> None:
@@ -193,9 +200,14 @@ class T3GraphDecoder:
         self._gen.set_state(gen_state)
 
     def _step_fn(self, width: int, sampling: SamplingConfig):
-        t3, state, gen = self.t3, self._state, self._gen
+        t3, state, gen, fused = self.t3, self._state, self._gen, self.fused
         full = self._cache
         cache = KVCache(full.k[:, :, :, :width], full.v[:, :, :, :width])  # views: same storage
+
+        def decode(embeds: Tensor) -> Tensor:
+            if fused is None:
+                return t3.decode_step(embeds, state.position, cache)
+            return t3.speech_head(fused.decode(embeds, state.position, cache)[:, -1])
 
         def step() -> Tensor:
             guided = cfg_mix(state.logits[0:1], state.logits[1:2], sampling.cfg_weight)  # (1, V)
@@ -203,7 +215,7 @@ class T3GraphDecoder:
             token = race_draw(probs, gen)  # (1, 1)
             state.seen.copy_(mark_seen(state.seen, token))
             embeds = t3.next_token_embeds(token, state.speech_position)  # (2, 1, C)
-            state.logits.copy_(t3.decode_step(embeds, state.position, cache))
+            state.logits.copy_(decode(embeds))
             state.position.add_(1)
             state.speech_position.add_(1)
             state.token.copy_(token)

@@ -143,6 +143,9 @@ def find_components(root: nn.Module) -> list[tuple[str, nn.Module]]:
 class _Plan:
     comp: ComponentOpt
     attention_backend: str
+    # T3 only: the decode runs on packed weights, and ``comp.compile`` compiles its per-layer kernels
+    # (``_refresh_runners``) instead of wrapping the component's own methods.
+    fused_decode: bool = False
 
 
 @dataclass
@@ -201,7 +204,7 @@ def apply_to_components(components: Iterable[tuple[str, nn.Module]], opt: OptCon
             spec = component_spec(name)
             if not isinstance(module, spec.module_type):
                 raise TypeError(f"component {name} must be a {spec.module_type.__name__}, got {type(module).__name__}")
-            plan = _Plan(opt.component(name), opt.attention_backend)
+            plan = _Plan(opt.component(name), opt.attention_backend, fused_decode=name == "t3" and opt.t3_fused_decode)
             done = state.applied.get(name)
             if done is not None and done.module is module and done.plan == plan:
                 continue
@@ -226,10 +229,13 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
     from .graphed import BucketedEstimator, T3GraphDecoder
 
     t3, estimator = components["t3"], components["cfm_estimator"]
-    if opt.t3.cuda_graphs and _on_cuda(t3, "t3"):
+    graphed = opt.t3.cuda_graphs and _on_cuda(t3, "t3")
+    if graphed or opt.t3_fused_decode:
         if not (isinstance(state.t3_decoder, T3GraphDecoder) and state.t3_decoder.t3 is t3
-                and state.opt.t3 == opt.t3 and state.opt.attention_backend == opt.attention_backend):
-            state.t3_decoder = T3GraphDecoder(t3)
+                and state.opt.t3 == opt.t3 and state.opt.attention_backend == opt.attention_backend
+                and state.opt.t3_fused_decode == opt.t3_fused_decode and state.t3_decoder.enabled == graphed):
+            fused = _fused_decoder(t3, opt.t3.compile, graphed) if opt.t3_fused_decode else None
+            state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed)
     else:
         state.t3_decoder = None
     if opt.cfm_estimator.cuda_graphs and _on_cuda(estimator, "cfm_estimator"):
@@ -240,6 +246,27 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
             state.cfm_estimator = BucketedEstimator(estimator, opt.cfm_bucket_frames)
     else:
         state.cfm_estimator = None
+
+
+def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
+    """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked.
+
+    Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
+    that would ("reduce-overhead", "max-autotune") run as their no-cudagraphs equivalents there.
+    """
+    from .models.t3.fused_decode import FusedDecoder, attention_inputs, attention_outputs
+
+    with torch.inference_mode(False), torch.no_grad():
+        fused = FusedDecoder.pack(t3.tfmr)
+    if compile_mode is None:
+        return fused
+    mode = compile_mode
+    if graphed and mode in ("reduce-overhead", "max-autotune"):
+        mode = "max-autotune-no-cudagraphs" if mode == "max-autotune" else "default"
+    kwargs = {"fullgraph": True, "dynamic": False}
+    if mode != "default":
+        kwargs["mode"] = mode
+    return fused.with_kernels(torch.compile(attention_inputs, **kwargs), torch.compile(attention_outputs, **kwargs))
 
 
 def _on_cuda(module: nn.Module, name: str) -> bool:
@@ -260,7 +287,7 @@ def _apply_component(spec: ComponentSpec, module: nn.Module, plan: _Plan) -> _Ap
                                   prefix=spec.cast_path)
     if comp.channels_last:
         set_channels_last(module, True)
-    if comp.compile is not None:
+    if comp.compile is not None and not plan.fused_decode:
         for path, method in spec.compile_targets:
             _wrap(done, module.get_submodule(path), method, functools.partial(_compiled, mode=comp.compile))
     if plan.attention_backend != "sdpa":

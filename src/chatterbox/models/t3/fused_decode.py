@@ -1,0 +1,183 @@
+"""One-token Llama decode on packed projection weights (the fast path of ``LlamaModel.decode``).
+
+Same math as ``LlamaModel.decode`` for a single position, arranged for small-batch decoding:
+
+* q/k/v projections are one GEMM on a packed ``(q + k + v, C)`` weight, gate/up one GEMM on a packed
+  ``(2 * I, C)`` weight: 4 GEMMs a layer instead of 7.
+* The work between GEMMs and attention is two pure functions per layer, ``attention_inputs`` and
+  ``attention_outputs`` (tensors in, tensors out, no state, no cache access), which a pass may
+  replace by compiled versions (``FusedDecoder.with_kernels``) so that the norms, rotary embedding
+  and residual/activation elementwise work each become one kernel.
+* Keys and values of the step are returned stacked ``(2, B, kv_heads, 1, D)`` and written with one
+  ``index_copy_`` into a cache whose ``k`` and ``v`` are the two halves of one tensor
+  (``allocate_stacked_cache``).
+* The rotary inverse frequencies are built once, not per call.
+
+Packing copies each layer's projection weights into one tensor and then points the module's
+parameters at slices of it (``.data``), so weights are not held twice and the module's state dict is
+unchanged (same keys, shapes and values). Pack after any dtype/device change of the weights: a later
+``.data`` reassignment of a module parameter is not seen by the packed tensors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .llama import KVCache, LlamaConfig, LlamaModel, rope_inv_freq
+
+
+@dataclass(frozen=True)
+class PackedLayer:
+    input_norm: Tensor  # (C,)
+    qkv: Tensor  # (q + k + v, C)
+    o: Tensor  # (C, q)
+    post_norm: Tensor  # (C,)
+    gate_up: Tensor  # (2 * I, C)
+    down: Tensor  # (C, I)
+
+
+def _pack_rows(linears) -> Tensor:
+    packed = torch.cat([lin.weight.detach() for lin in linears], dim=0)
+    row = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = packed[row:row + n]
+        row += n
+    return packed
+
+
+def pack_layers(model: LlamaModel) -> tuple[PackedLayer, ...]:
+    """Pack every layer's projections (see the module docstring; the module's parameters become views)."""
+    layers = []
+    with torch.no_grad():
+        for layer in model.layers:
+            att, mlp = layer.self_attn, layer.mlp
+            layers.append(PackedLayer(
+                input_norm=layer.input_layernorm.weight.detach(),
+                qkv=_pack_rows((att.q_proj, att.k_proj, att.v_proj)),
+                o=att.o_proj.weight.detach(),
+                post_norm=layer.post_attention_layernorm.weight.detach(),
+                gate_up=_pack_rows((mlp.gate_proj, mlp.up_proj)),
+                down=mlp.down_proj.weight.detach(),
+            ))
+    return tuple(layers)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Llama RMSNorm: statistics in float32, scaled in the activation dtype (as ``llama.RMSNorm``)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention_inputs(x: Tensor, norm_w: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, eps: float,
+                     num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
+    """x (B, 1, C) -> (q (B, H, 1, D) with rotary, stacked new k/v (2, B, kv_heads, 1, D))."""
+    b = x.shape[0]
+    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w)  # (B, 1, (H + 2 kvH) D)
+    nq, nk = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[..., :nq].view(b, 1, num_heads, head_dim).transpose(1, 2)
+    k = qkv[..., nq:nq + nk].view(b, 1, num_kv_heads, head_dim).transpose(1, 2)
+    v = qkv[..., nq + nk:].view(b, 1, num_kv_heads, head_dim).transpose(1, 2)
+    return _rotate(q, cos, sin), torch.stack((_rotate(k, cos, sin), v))
+
+
+def attention_outputs(x: Tensor, attn: Tensor, o_w: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor,
+                      eps: float) -> Tensor:
+    """Residual stream x (B, 1, C) + attention output (B, H, 1, D) -> the layer's output (B, 1, C)."""
+    b = x.shape[0]
+    h = x + F.linear(attn.transpose(1, 2).reshape(b, 1, -1), o_w)
+    gate, up = F.linear(rms_norm(h, norm_w, eps), gate_up_w).chunk(2, dim=-1)
+    return h + F.linear(F.silu(gate) * up, down_w)
+
+
+def allocate_stacked_cache(cfg: LlamaConfig, batch: int, max_len: int, device: torch.device | str,
+                           dtype: torch.dtype) -> KVCache:
+    """A zeroed ``KVCache`` whose k and v are halves of one (layers, 2, B, kv_heads, max_len, D) tensor."""
+    if max_len < 1 or max_len > cfg.max_position_embeddings:
+        raise ValueError(f"cache length {max_len} outside 1..{cfg.max_position_embeddings}")
+    kv = torch.zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
+    return KVCache(kv[:, 0], kv[:, 1])
+
+
+def stacked_view(cache: KVCache) -> Tensor | None:
+    """The (layers, 2, B, kv_heads, L, D) tensor behind a stacked cache (or a window of one), else None."""
+    k, v = cache.k, cache.v
+    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
+        return None
+    step = v.data_ptr() - k.data_ptr()
+    if step <= 0 or step % k.element_size():
+        return None
+    offset = step // k.element_size()
+    size = (k.shape[0], 2, *k.shape[1:])
+    stride = (k.stride(0), offset, *k.stride()[1:])
+    return k.as_strided(size, stride)
+
+
+@dataclass(frozen=True)
+class FusedDecoder:
+    """Packed weights + the two per-layer functions (eager by default, or compiled by a pass)."""
+
+    cfg: LlamaConfig
+    layers: tuple[PackedLayer, ...]
+    final_norm: Tensor
+    inv_freq: Tensor  # (D/2,) float32
+    inputs_fn: Callable = attention_inputs
+    outputs_fn: Callable = attention_outputs
+
+    @classmethod
+    def pack(cls, model: LlamaModel) -> "FusedDecoder":
+        device = model.norm.weight.device
+        return cls(cfg=model.cfg, layers=pack_layers(model), final_norm=model.norm.weight.detach(),
+                   inv_freq=rope_inv_freq(model.cfg, device))
+
+    def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable) -> "FusedDecoder":
+        return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn)
+
+    def rope(self, position: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)  # (1, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def decode(self, embeds: Tensor, position: Tensor, cache: KVCache) -> Tensor:
+        """``LlamaModel.decode`` for one token: embeds (B, 1, C) at ``position`` (1,) -> normed hidden (B, 1, C).
+
+        ``cache`` must be stacked (``allocate_stacked_cache``, or a window of one); its batch is B.
+        """
+        cfg = self.cfg
+        if embeds.dim() != 3 or embeds.shape[1] != 1:
+            raise ValueError(f"fused decode takes one position (B, 1, C), got {tuple(embeds.shape)}")
+        kv = stacked_view(cache)
+        if kv is None:
+            raise ValueError("fused decode needs a stacked KV cache (see allocate_stacked_cache)")
+        if kv.shape[0] != cfg.num_layers or kv.shape[2] != embeds.shape[0]:
+            raise ValueError(f"cache (layers {kv.shape[0]}, batch {kv.shape[2]}) does not fit "
+                             f"{cfg.num_layers} layers x batch {embeds.shape[0]}")
+        cos, sin = self.rope(position, embeds.dtype)
+        slots = torch.arange(kv.shape[4], device=embeds.device)
+        mask = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
+        groups = cfg.num_heads // cfg.num_kv_heads
+        eps = cfg.rms_norm_eps
+        x = embeds
+        for i, w in enumerate(self.layers):
+            q, new_kv = self.inputs_fn(x, w.input_norm, w.qkv, cos, sin, eps,
+                                       cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            layer_kv = kv[i]  # (2, B, kvH, L, D)
+            # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
+            layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
+            k, v = layer_kv[0], layer_kv[1]
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            x = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, eps)
+        return rms_norm(x, self.final_norm, eps)
