@@ -11,7 +11,8 @@ Same math as ``LlamaModel.decode`` for a single position, arranged for small-bat
 * Keys and values of the step are returned stacked ``(2, B, kv_heads, 1, D)`` and written with one
   ``index_copy_`` into a cache whose ``k`` and ``v`` are the two halves of one tensor
   (``allocate_stacked_cache``).
-* The rotary inverse frequencies are built once, not per call.
+* The rotary inverse frequencies are built once, not per call; the attention mask is an additive
+  float mask made once per token, not a boolean one converted in every layer.
 
 Packing copies each layer's projection weights into one tensor and then points the module's
 parameters at slices of it (``.data``), so weights are not held twice and the module's state dict is
@@ -115,6 +116,8 @@ def stacked_view(cache: KVCache) -> Tensor | None:
     k, v = cache.k, cache.v
     if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
         return None
+    if k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+        return None  # two allocations: no single tensor spans both
     step = v.data_ptr() - k.data_ptr()
     if step <= 0 or step % k.element_size():
         return None
@@ -165,7 +168,10 @@ class FusedDecoder:
                              f"{cfg.num_layers} layers x batch {embeds.shape[0]}")
         cos, sin = self.rope(position, embeds.dtype)
         slots = torch.arange(kv.shape[4], device=embeds.device)
-        mask = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
+        # Additive float mask built once per token (a bool mask would be converted in every layer).
+        visible = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
+        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+            ~visible, float("-inf"))
         groups = cfg.num_heads // cfg.num_kv_heads
         eps = cfg.rms_norm_eps
         x = embeds
