@@ -99,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         cache = t3.init_cache(2, embeds.shape[1] + 8, device, embeds.dtype)
         ms["t3_prefill"] = median_ms(lambda: t3.prefill(embeds, cache), device, args.reps)
         res["prefill_positions"] = int(embeds.shape[1])
+        dec = tts._t3_decoder
+        if dec is not None and hasattr(dec, "prefill"):
+            dcache = dec.cache(embeds.shape[1] + 8, device, embeds.dtype)
+            ms["t3_prefill_decoder"] = median_ms(lambda: dec.prefill(embeds, dcache), device, args.reps)
         noise = s3.draw_cfm_noise(torch.Generator().manual_seed(0))
         est = tts._cfm_estimator or s3.flow.decoder.estimator
         for name, n_tokens in (("chunk_first", 5), ("chunk_window", 75), ("oneshot_250", 250)):

@@ -193,3 +193,25 @@ def test_gpu_graphed_fused_decoder_matches_the_eager_loop(compile_mode):
         # float32 on the GPU: packed GEMMs and fused kernels round differently; a near tie may flip a draw
         assert float((got[0, :n] == want[0, :n]).float().mean()) >= 0.9
     assert any(g.captured for g in decoder._graphs.values())
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_graphed_prefill_pads_and_matches_the_eager_prefill():
+    t3 = tiny_t3().cuda()
+    cond, text = t3_inputs(t3.cfg)
+    cond, text = cond.to("cuda"), text.cuda()
+    decoder = T3GraphDecoder(t3, window=8, prefill_bucket=16)
+    with torch.inference_mode():
+        embeds = t3._bos_prefill(cond, text)  # not a multiple of 16 positions
+        assert embeds.shape[1] % 16
+        cache = decoder.cache(embeds.shape[1] + 4, embeds.device, embeds.dtype)
+        got = decoder.prefill(embeds, cache)
+        again = decoder.prefill(embeds, cache)  # replay
+        ref_cache = t3.init_cache(2, embeds.shape[1], embeds.device, embeds.dtype)
+        want = t3.prefill(embeds, ref_cache)
+    assert cache.max_len >= decoder.prefill_length(embeds.shape[1])
+    assert float((got - want).abs().max()) <= 1e-4 and torch.equal(got, again)
+    n = embeds.shape[1]
+    assert float((cache.k[:, :, :, :n] - ref_cache.k).abs().max()) <= 1e-4
+    assert len(decoder._prefill_graphs) == 1

@@ -31,6 +31,8 @@ from .nn.cuda_graph import CudaGraph
 log = logging.getLogger(__name__)
 
 DEFAULT_T3_WINDOW = 128
+# The prefill graph pads the prompt to a multiple of this many positions (one graph per length).
+DEFAULT_PREFILL_BUCKET = 32
 DEFAULT_CFM_BUCKET = 64
 # Warm-up runs plus the first replay of a capture, each writing one scratch cache slot.
 _MIN_WINDOW = 4
@@ -92,13 +94,18 @@ class T3GraphDecoder:
     """
 
     def __init__(self, t3: T3, window: int = DEFAULT_T3_WINDOW, enabled: bool | None = None,
-                 max_graphs: int = DEFAULT_MAX_GRAPHS, fused: FusedDecoder | None = None) -> None:
+                 max_graphs: int = DEFAULT_MAX_GRAPHS, fused: FusedDecoder | None = None,
+                 prefill_bucket: int = DEFAULT_PREFILL_BUCKET) -> None:
         if window < _MIN_WINDOW:
             raise ValueError(f"window must be >= {_MIN_WINDOW} (capture runs that many scratch steps), got {window}")
         if fused is not None and fused.cfg != t3.cfg.llama:
             raise ValueError("the fused decoder was packed from another backbone")
+        if prefill_bucket < 1:
+            raise ValueError(f"prefill_bucket must be >= 1, got {prefill_bucket}")
         self.t3 = t3
         self.fused = fused
+        self.prefill_bucket = prefill_bucket
+        self._prefill_graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self.window = window
         self.enabled = enabled
         self.max_graphs = max_graphs
@@ -113,6 +120,8 @@ class T3GraphDecoder:
     def cache(self, min_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         """The decoder's static cache, grown (to a multiple of ``window``) when ``min_len`` needs it."""
         c = self._cache
+        if self._graphed(torch.device(device)):
+            min_len = max(min_len, self.prefill_length(min_len))
         if c is not None and c.max_len >= min_len and c.k.device == torch.device(device) and c.k.dtype == dtype:
             return c
         length = self.window * math.ceil(min_len / self.window)
@@ -128,11 +137,53 @@ class T3GraphDecoder:
     def reset(self) -> None:
         """Drop graphs, buffers and cache (frees their memory); the next generation rebuilds them."""
         self._graphs.clear()
+        self._prefill_graphs.clear()
         self._cache = None
         self._state = None
         self._gen = None
         self._pool = None
         self._session += 1
+
+    # ------------------------------------------------------------------ prefill
+    def prefill_length(self, positions: int) -> int:
+        return self.prefill_bucket * math.ceil(positions / self.prefill_bucket)
+
+    def prefill(self, embeds: Tensor, cache: KVCache) -> Tensor:
+        """``T3.prefill`` into this decoder's cache -> speech logits of the last position (2, V).
+
+        Graphed: the prompt is padded at the end to a multiple of ``prefill_bucket`` positions and the
+        logits are read at the last real one. Causal attention keeps the real positions blind to the
+        padding, and the cache slots the padding writes lie past the prompt, where each decode step
+        writes its own slot before any query can see it.
+        """
+        if cache is not self._cache:
+            raise RuntimeError("T3GraphDecoder.prefill: use the cache from cache(...)")
+        if not self._graphed(embeds.device):
+            return self.t3.prefill(embeds, cache)
+        real = embeds.shape[1]
+        length = self.prefill_length(real)
+        if length > cache.max_len:
+            raise RuntimeError(f"prefill of {real} positions (padded {length}) does not fit the cache ({cache.max_len})")
+        padded = F.pad(embeds, (0, 0, 0, length - real))
+        last = torch.full((1,), real - 1, dtype=torch.long, device=embeds.device)
+        key = (length, embeds.dtype)
+        graph = self._prefill_graphs.get(key)
+        if graph is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            t3 = self.t3
+
+            def run(x: Tensor, index: Tensor) -> Tensor:
+                hidden = t3.tfmr(x, cache)  # (2, length, C)
+                return t3.speech_head(hidden.index_select(1, index)[:, 0])
+
+            graph = CudaGraph(run, name=f"t3_prefill[{length}]", clone_outputs=True, pool=self._pool)
+            self._prefill_graphs[key] = graph
+            while len(self._prefill_graphs) > self.max_graphs:
+                self._prefill_graphs.popitem(last=False)
+        else:
+            self._prefill_graphs.move_to_end(key)
+        return graph(padded, last)
 
     # ------------------------------------------------------------------ tokens
     def tokens(self, logits: Tensor, seen: Tensor, prefix: int, sampling: SamplingConfig,

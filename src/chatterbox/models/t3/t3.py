@@ -96,6 +96,10 @@ class TokenDecoder(Protocol):
         """A (batch 2) cache of at least ``min_len`` slots that ``tokens`` will decode into."""
         ...
 
+    def prefill(self, embeds: Tensor, cache: KVCache) -> Tensor:
+        """``T3.prefill`` of the prompt ``embeds`` (2, P, C) into ``cache`` -> logits (2, V)."""
+        ...
+
     def tokens(self, logits: Tensor, seen: Tensor, prefix: int, sampling: SamplingConfig,
                generator: torch.Generator | None, steps: int) -> Iterator[Tensor]:
         """``steps`` sampled tokens (1, 1) from the prefill ``logits`` (2, V) and ``seen`` (1, V); the
@@ -269,7 +273,7 @@ class T3(nn.Module):
         elif cache.max_len < need or cache.batch != CFG_BATCH:
             raise ValueError(f"cache (batch {cache.batch}, length {cache.max_len}) is smaller than "
                              f"(batch {CFG_BATCH}, length {need})")
-        logits = self.prefill(embeds, cache)  # (2, V)
+        logits = self.prefill(embeds, cache) if decoder is None else decoder.prefill(embeds, cache)  # (2, V)
 
         sos = torch.full((1, 1), self.cfg.start_speech_token, dtype=torch.long, device=embeds.device)
         seen = new_seen(1, self.cfg.speech_vocab_size, sos)  # the initial BOS counts as generated
