@@ -164,7 +164,7 @@ def test_opt_switch_builds_a_fused_decoder_and_reverts():
     state = apply_opt(p, OptConfig.parse("reference+t3_fused_decode=1+t3.compile=default"))
     dec = state.t3_decoder
     assert isinstance(dec, T3GraphDecoder) and dec.fused is not None and dec.enabled is False
-    assert dec.fused.inputs_fn is not attention_inputs  # compiled (lazily: nothing runs until called)
+    assert dec.fused.inputs_fn is attention_inputs  # compiled on CUDA only; eager here
     assert apply_opt(p, OptConfig.parse("reference+t3_fused_decode=1+t3.compile=default")).t3_decoder is dec
     assert apply_opt(p, OptConfig.reference()).t3_decoder is None
 

@@ -131,6 +131,7 @@ def test_presets_and_names():
     assert OptConfig.from_name("reference") == ref and OptConfig.from_name("fast") == fast
     assert all(getattr(ref, c).is_reference for c in COMPONENTS)
     assert fast.t3.dtype == "bfloat16" and fast.t3.cuda_graphs and fast.cfm_estimator.cuda_graphs
+    assert fast.t3_fused_decode and fast.t3.compile == "default"
     assert fast.hift.is_reference  # channels_last measured slower on HiFT (patches/04)
     with pytest.raises(ValueError, match="unknown OptConfig preset"):
         OptConfig.from_name("turbo")
@@ -143,7 +144,7 @@ def test_parse_specs_aliases_and_round_trip():
     assert opt.autograd_mode == "no_grad" and opt.cfm_estimator.compile == "max-autotune"
     assert OptConfig.parse(opt.to_spec()) == opt
     assert OptConfig.parse("fast") == OptConfig.fast()
-    assert OptConfig.parse("fast+t3.cuda_graphs=off").t3 == ComponentOpt(dtype="bfloat16")
+    assert OptConfig.parse("fast+t3.cuda_graphs=off").t3 == ComponentOpt(dtype="bfloat16", compile="default")
     assert OptConfig.parse("t3.dtype=fp16").t3.dtype == "float16"  # no preset: reference
     assert OptConfig.parse("reference+cfm_estimator.compile=none").cfm_estimator.compile is None
     assert OptConfig.reference().to_spec() == "reference"

@@ -113,20 +113,21 @@ class OptConfig:
     def fast(cls) -> "OptConfig":
         """The best configuration measured on one H100 (eval/results/h100-ab.json, patches/).
 
-        bf16 where the weights dominate (T3's 0.5 B-parameter decoder, the CFM estimator run
-        2 x cfm_steps times per utterance); CUDA graphs for the T3 decode step (one replay per token)
-        and the estimator (bucketed lengths). channels_last is off everywhere: on HiFT it measured
-        slower (patches/04). The flow encoder, tokenizer, CAMPPlus and voice encoder run once per
-        call or per voice and stay fp32. No torch.compile: its warm-up cost and recompiles on new lengths
-        outweigh the gain once launches are graphed. Stop checks every 4 tokens: with graphed decode
-        the host sync is cheap and fewer tokens are decoded past the stop.
+        T3: bf16 weights, packed q/k/v and gate/up projections (``t3_fused_decode``) whose per-layer
+        elementwise work is compiled (``t3.compile``, CUDA only), all inside one CUDA graph per token
+        (sampling included), and a CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
+        bucketed lengths. channels_last is off everywhere: on HiFT it measured slower (patches/04).
+        The flow encoder, tokenizer, CAMPPlus and voice encoder run once per call or per voice and
+        stay fp32 (bf16 changes the tokenizer's speech tokens). Stop checks every 4 tokens: with a
+        graphed decode the host sync is cheap and fewer tokens are decoded past the stop.
         """
         return cls(
-            t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
+            t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True, compile="default"),
             cfm_estimator=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
             autograd_mode="inference_mode",
             attention_backend="sdpa",
             stop_check_every=4,
+            t3_fused_decode=True,
         )
 
     @classmethod

@@ -249,7 +249,7 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
 
 
 def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
-    """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked.
+    """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked (CUDA).
 
     Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
     that would ("reduce-overhead", "max-autotune") run as their no-cudagraphs equivalents there.
@@ -259,6 +259,10 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
     with torch.inference_mode(False), torch.no_grad():
         fused = FusedDecoder.pack(t3.tfmr)
     if compile_mode is None:
+        return fused
+    if fused.final_norm.device.type != "cuda":
+        log.warning("t3.compile with t3_fused_decode compiles the fused kernels on CUDA only; "
+                    "on %s they run eagerly", fused.final_norm.device)
         return fused
     mode = compile_mode
     if graphed and mode in ("reduce-overhead", "max-autotune"):
