@@ -254,7 +254,7 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
     Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
     that would ("reduce-overhead", "max-autotune") run as their no-cudagraphs equivalents there.
     """
-    from .models.t3.fused_decode import FusedDecoder, attention_inputs, attention_outputs
+    from .models.t3.fused_decode import FusedDecoder, attention_inputs, attention_outputs, rms_norm
 
     with torch.inference_mode(False), torch.no_grad():
         fused = FusedDecoder.pack(t3.tfmr)
@@ -270,7 +270,8 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
     kwargs = {"fullgraph": True, "dynamic": False}
     if mode != "default":
         kwargs["mode"] = mode
-    return fused.with_kernels(torch.compile(attention_inputs, **kwargs), torch.compile(attention_outputs, **kwargs))
+    return fused.with_kernels(torch.compile(attention_inputs, **kwargs), torch.compile(attention_outputs, **kwargs),
+                              torch.compile(rms_norm, **kwargs))
 
 
 def _on_cuda(module: nn.Module, name: str) -> bool:

@@ -7,7 +7,8 @@ Same math as ``LlamaModel.decode`` for a single position, arranged for small-bat
 * The work between GEMMs and attention is two pure functions per layer, ``attention_inputs`` and
   ``attention_outputs`` (tensors in, tensors out, no state, no cache access), which a pass may
   replace by compiled versions (``FusedDecoder.with_kernels``) so that the norms, rotary embedding
-  and residual/activation elementwise work each become one kernel.
+  and residual/activation elementwise work each become one kernel. A layer's closing residual add
+  is fused with the next layer's input norm (the final norm after the last layer).
 * Keys and values of the step are returned stacked ``(2, B, kv_heads, 1, D)`` and written with one
   ``index_copy_`` into a cache whose ``k`` and ``v`` are the two halves of one tensor
   (``allocate_stacked_cache``).
@@ -81,25 +82,34 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
-def attention_inputs(x: Tensor, norm_w: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, eps: float,
-                     num_heads: int, num_kv_heads: int, head_dim: int) -> tuple[Tensor, Tensor]:
-    """x (B, 1, C) -> (q (B, H, 1, D) with rotary, stacked new k/v (2, B, kv_heads, 1, D))."""
-    b = x.shape[0]
-    qkv = F.linear(rms_norm(x, norm_w, eps), qkv_w)  # (B, 1, (H + 2 kvH) D)
-    nq, nk = num_heads * head_dim, num_kv_heads * head_dim
-    q = qkv[..., :nq].view(b, 1, num_heads, head_dim).transpose(1, 2)
-    k = qkv[..., nq:nq + nk].view(b, 1, num_kv_heads, head_dim).transpose(1, 2)
-    v = qkv[..., nq + nk:].view(b, 1, num_kv_heads, head_dim).transpose(1, 2)
-    return _rotate(q, cos, sin), torch.stack((_rotate(k, cos, sin), v))
+def attention_inputs(normed: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int,
+                     head_dim: int) -> tuple[Tensor, Tensor]:
+    """Normed input (B, 1, C) -> (q (B, H, 1, D) with rotary, stacked new k/v (2, B, kv_heads, 1, D)).
+
+    Rotary is applied to q and k heads together and v is carried along, so a compiler emits one
+    kernel for all three; q and k/v are views of that one result.
+    """
+    b = normed.shape[0]
+    heads = F.linear(normed, qkv_w).view(b, 1, num_heads + 2 * num_kv_heads, head_dim)
+    rotary = num_heads + num_kv_heads
+    out = torch.cat((_rotate(heads[:, :, :rotary], cos, sin), heads[:, :, rotary:]), dim=2)
+    q = out[:, :, :num_heads].transpose(1, 2)
+    kv = out[:, :, rotary - num_kv_heads:].view(b, 1, 2, num_kv_heads, head_dim).permute(2, 0, 3, 1, 4)
+    return q, kv
 
 
 def attention_outputs(x: Tensor, attn: Tensor, o_w: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor,
-                      eps: float) -> Tensor:
-    """Residual stream x (B, 1, C) + attention output (B, H, 1, D) -> the layer's output (B, 1, C)."""
+                      next_norm_w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """Residual x (B, 1, C) + attention (B, H, 1, D) -> (layer output, it normed for the next layer).
+
+    ``next_norm_w`` is the next layer's input norm, or the final norm after the last layer; the
+    residual add and that norm then fuse into one kernel.
+    """
     b = x.shape[0]
     h = x + F.linear(attn.transpose(1, 2).reshape(b, 1, -1), o_w)
     gate, up = F.linear(rms_norm(h, norm_w, eps), gate_up_w).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_w)
+    out = h + F.linear(F.silu(gate) * up, down_w)
+    return out, rms_norm(out, next_norm_w, eps)
 
 
 def allocate_stacked_cache(cfg: LlamaConfig, batch: int, max_len: int, device: torch.device | str,
@@ -137,6 +147,7 @@ class FusedDecoder:
     inv_freq: Tensor  # (D/2,) float32
     inputs_fn: Callable = attention_inputs
     outputs_fn: Callable = attention_outputs
+    norm_fn: Callable = rms_norm
 
     @classmethod
     def pack(cls, model: LlamaModel) -> "FusedDecoder":
@@ -144,8 +155,8 @@ class FusedDecoder:
         return cls(cfg=model.cfg, layers=pack_layers(model), final_norm=model.norm.weight.detach(),
                    inv_freq=rope_inv_freq(model.cfg, device))
 
-    def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable) -> "FusedDecoder":
-        return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn)
+    def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
+        return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
 
     def rope(self, position: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = position.float()[:, None] * self.inv_freq[None, :]
@@ -175,9 +186,10 @@ class FusedDecoder:
         groups = cfg.num_heads // cfg.num_kv_heads
         eps = cfg.rms_norm_eps
         x = embeds
+        normed = self.norm_fn(x, self.layers[0].input_norm, eps)
+        last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            q, new_kv = self.inputs_fn(x, w.input_norm, w.qkv, cos, sin, eps,
-                                       cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
             layer_kv = kv[i]  # (2, B, kvH, L, D)
             # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
             layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
@@ -185,5 +197,6 @@ class FusedDecoder:
             if groups > 1:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            x = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, eps)
-        return rms_norm(x, self.final_norm, eps)
+            next_norm = self.final_norm if i == last else self.layers[i + 1].input_norm
+            x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps)
+        return normed
