@@ -215,3 +215,44 @@ def test_gpu_graphed_prefill_pads_and_matches_the_eager_prefill():
     n = embeds.shape[1]
     assert float((cache.k[:, :, :, :n] - ref_cache.k).abs().max()) <= 1e-4
     assert len(decoder._prefill_graphs) == 1
+
+
+def test_with_linear_routes_every_projection_through_it():
+    model = random_llama()
+    fused = FusedDecoder.pack(model)
+    shapes = []
+
+    def linear(x, w):
+        shapes.append(tuple(w.shape))
+        return torch.nn.functional.linear(x, w)
+
+    cfg = model.cfg
+    x, pos = torch.randn(2, 1, cfg.hidden_size), torch.tensor([0])
+    want = fused.decode(x, pos, allocate_stacked_cache(cfg, 2, 8, "cpu", torch.float32))
+    got = fused.with_linear(linear).decode(x, pos, allocate_stacked_cache(cfg, 2, 8, "cpu", torch.float32))
+    assert torch.equal(got, want)
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    assert shapes == [(qkv, cfg.hidden_size), (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+                      (2 * cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size)] * cfg.num_layers
+
+
+def test_t3_gemv_needs_the_fused_decode():
+    with pytest.raises(ValueError, match="t3_gemv needs t3_fused_decode"):
+        OptConfig.parse("reference+t3_gemv=1")
+    assert OptConfig.parse("reference+t3_fused_decode=1+t3_gemv=1").t3_gemv
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_decode_with_the_small_m_gemv_matches_cublas():
+    from chatterbox.kernels.small_m_linear import small_m_linear
+
+    cfg = LlamaConfig.tiny()
+    model = random_llama(cfg=cfg).cuda().to(torch.bfloat16)
+    fused = FusedDecoder.pack(model)
+    x, pos = torch.randn(2, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16), torch.tensor([0], device="cuda")
+    with torch.inference_mode():
+        want = fused.decode(x, pos, allocate_stacked_cache(cfg, 2, 8, "cuda", torch.bfloat16))
+        got = fused.with_linear(small_m_linear).decode(x, pos, allocate_stacked_cache(cfg, 2, 8, "cuda", torch.bfloat16))
+    # bf16 outputs of two fp32-accumulating GEMVs that sum in different orders
+    assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())

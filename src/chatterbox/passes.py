@@ -233,8 +233,9 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
     if graphed or opt.t3_fused_decode:
         if not (isinstance(state.t3_decoder, T3GraphDecoder) and state.t3_decoder.t3 is t3
                 and state.opt.t3 == opt.t3 and state.opt.attention_backend == opt.attention_backend
-                and state.opt.t3_fused_decode == opt.t3_fused_decode and state.t3_decoder.enabled == graphed):
-            fused = _fused_decoder(t3, opt.t3.compile, graphed) if opt.t3_fused_decode else None
+                and state.opt.t3_fused_decode == opt.t3_fused_decode and state.opt.t3_gemv == opt.t3_gemv
+                and state.t3_decoder.enabled == graphed):
+            fused = _fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv) if opt.t3_fused_decode else None
             state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed)
     else:
         state.t3_decoder = None
@@ -248,7 +249,7 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
         state.cfm_estimator = None
 
 
-def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
+def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv: bool = False):
     """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked (CUDA).
 
     Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
@@ -258,6 +259,13 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool):
 
     with torch.inference_mode(False), torch.no_grad():
         fused = FusedDecoder.pack(t3.tfmr)
+    if gemv:
+        if fused.final_norm.device.type == "cuda":
+            from .kernels.small_m_linear import small_m_linear
+
+            fused = fused.with_linear(small_m_linear)
+        else:
+            log.warning("t3_gemv is a CUDA kernel; on %s the fused decode uses F.linear", fused.final_norm.device)
     if compile_mode is None:
         return fused
     if fused.final_norm.device.type != "cuda":

@@ -83,14 +83,14 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def attention_inputs(normed: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int,
-                     head_dim: int) -> tuple[Tensor, Tensor]:
+                     head_dim: int, linear: Callable = F.linear) -> tuple[Tensor, Tensor]:
     """Normed input (B, 1, C) -> (q (B, H, 1, D) with rotary, stacked new k/v (2, B, kv_heads, 1, D)).
 
     Rotary is applied to q and k heads together and v is carried along, so a compiler emits one
     kernel for all three; q and k/v are views of that one result.
     """
     b = normed.shape[0]
-    heads = F.linear(normed, qkv_w).view(b, 1, num_heads + 2 * num_kv_heads, head_dim)
+    heads = linear(normed, qkv_w).view(b, 1, num_heads + 2 * num_kv_heads, head_dim)
     rotary = num_heads + num_kv_heads
     out = torch.cat((_rotate(heads[:, :, :rotary], cos, sin), heads[:, :, rotary:]), dim=2)
     q = out[:, :, :num_heads].transpose(1, 2)
@@ -99,16 +99,16 @@ def attention_inputs(normed: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, nu
 
 
 def attention_outputs(x: Tensor, attn: Tensor, o_w: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor,
-                      next_norm_w: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+                      next_norm_w: Tensor, eps: float, linear: Callable = F.linear) -> tuple[Tensor, Tensor]:
     """Residual x (B, 1, C) + attention (B, H, 1, D) -> (layer output, it normed for the next layer).
 
     ``next_norm_w`` is the next layer's input norm, or the final norm after the last layer; the
     residual add and that norm then fuse into one kernel.
     """
     b = x.shape[0]
-    h = x + F.linear(attn.transpose(1, 2).reshape(b, 1, -1), o_w)
-    gate, up = F.linear(rms_norm(h, norm_w, eps), gate_up_w).chunk(2, dim=-1)
-    out = h + F.linear(F.silu(gate) * up, down_w)
+    h = x + linear(attn.transpose(1, 2).reshape(b, 1, -1), o_w)
+    gate, up = linear(rms_norm(h, norm_w, eps), gate_up_w).chunk(2, dim=-1)
+    out = h + linear(F.silu(gate) * up, down_w)
     return out, rms_norm(out, next_norm_w, eps)
 
 
@@ -148,12 +148,17 @@ class FusedDecoder:
     inputs_fn: Callable = attention_inputs
     outputs_fn: Callable = attention_outputs
     norm_fn: Callable = rms_norm
+    # y = x @ W.T for the projections: F.linear, or e.g. kernels.small_m_linear (a pass sets it).
+    linear_fn: Callable = F.linear
 
     @classmethod
     def pack(cls, model: LlamaModel) -> "FusedDecoder":
         device = model.norm.weight.device
         return cls(cfg=model.cfg, layers=pack_layers(model), final_norm=model.norm.weight.detach(),
                    inv_freq=rope_inv_freq(model.cfg, device))
+
+    def with_linear(self, linear_fn: Callable) -> "FusedDecoder":
+        return replace(self, linear_fn=linear_fn)
 
     def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
         return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
@@ -189,7 +194,8 @@ class FusedDecoder:
         normed = self.norm_fn(x, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                       self.linear_fn)
             layer_kv = kv[i]  # (2, B, kvH, L, D)
             # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
             layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
@@ -198,5 +204,6 @@ class FusedDecoder:
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             next_norm = self.final_norm if i == last else self.layers[i + 1].input_norm
-            x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps)
+            x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps,
+                                        self.linear_fn)
         return normed
