@@ -131,9 +131,9 @@ def test_configs_for_t3_shapes_and_heuristic():
     for n, k in T3_SHAPES.values():
         cfg = sml.config_for(2, n, k, torch.bfloat16)
         assert cfg == sml.TUNED[(n, k)]
-        assert cfg.block_k == 1024 and cfg.num_warps == 4 and cfg.mode == "fma"  # one 16-byte vector per thread
-    # the table holds heuristic_config's H100 picks until re-tuned on a GPU
-    assert all(sml.heuristic_config(2, n, k, 2, 132) == cfg for (n, k), cfg in sml.TUNED.items())
+        # one 16-byte vector (8 bf16) per thread and W row per tile
+        assert cfg.block_k == 8 * sml.WARP * cfg.num_warps and cfg.mode == "fma"
+        assert sml.heuristic_config(2, n, k, 2, 132).mode == "fma"  # the untuned fallback stays valid
     fp32 = sml.config_for(2, 3072, 1024, torch.float32)
     assert fp32.block_k == 512 and fp32.num_warps == 4
     short = sml.heuristic_config(1, 37, 100, 2)
@@ -218,7 +218,7 @@ def test_op_decomposes_into_the_triton_kernel():
     kwargs, grid = calls[0].kwargs["kwargs"], calls[0].kwargs["grid"]
     cfg = sml.TUNED[(1024, 4096)]
     assert tuple(grid[0]) == (1024 // cfg.block_n, 1, 1)
-    assert (kwargs["M"], kwargs["N"], kwargs["K"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]) == (2, 1024, 4096, cfg.block_n, 1024)
+    assert (kwargs["M"], kwargs["N"], kwargs["K"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]) == (2, 1024, 4096, cfg.block_n, cfg.block_k)
     assert kwargs["EVEN_M"] and kwargs["EVEN_N"] and kwargs["EVEN_K"] and not kwargs["USE_DOT"]
 
 

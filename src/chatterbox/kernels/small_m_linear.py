@@ -94,11 +94,13 @@ class SmallMConfig:
 # (N, K) -> config for 16-bit weights and M <= 4: T3's decode projections (Llama-520M). Not yet timed
 # on a GPU: these are heuristic_config's picks for an H100 (132 SMs); replace them with the winners of
 # ``python -m eval.bench_small_m_linear --sweep``, which prints a table in this form.
+# Fastest of the H100 sweep (eval/results/h100-small-m-linear-sweep.json, M = 2, bf16, cold weights);
+# o (1024, 1024) was not swept and keeps the heuristic's pick (2.67 us, eval/results/h100-small-m-linear.json).
 TUNED: dict[tuple[int, int], SmallMConfig] = {
-    (3072, 1024): SmallMConfig(block_n=4, block_k=1024),  # qkv: 768 programs x 8 KiB of W
-    (1024, 1024): SmallMConfig(block_n=2, block_k=1024),  # o: 512 programs x 4 KiB
-    (8192, 1024): SmallMConfig(block_n=8, block_k=1024),  # gate_up: 1024 programs x 16 KiB
-    (1024, 4096): SmallMConfig(block_n=2, block_k=1024),  # down: 512 programs x 4 x 4 KiB
+    (3072, 1024): SmallMConfig(block_n=2, block_k=512, num_warps=2),  # qkv: 4.02 us (cuBLAS 5.41)
+    (1024, 1024): SmallMConfig(block_n=2, block_k=1024),  # o: 2.67 us (cuBLAS 4.43)
+    (8192, 1024): SmallMConfig(block_n=2, block_k=512, num_warps=2),  # gate_up: 7.41 us (cuBLAS 7.87)
+    (1024, 4096): SmallMConfig(block_n=2, block_k=2048, num_warps=8),  # down: 4.76 us (cuBLAS 8.37)
 }
 TUNED_MAX_M = 4
 
