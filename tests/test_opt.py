@@ -131,7 +131,7 @@ def test_presets_and_names():
     assert OptConfig.from_name("reference") == ref and OptConfig.from_name("fast") == fast
     assert all(getattr(ref, c).is_reference for c in COMPONENTS)
     assert fast.t3.dtype == "bfloat16" and fast.t3.cuda_graphs and fast.cfm_estimator.cuda_graphs
-    assert fast.t3_fused_decode and fast.t3.compile == "default"
+    assert fast.t3_fused_decode and fast.t3_gemv and fast.t3.compile == "default"
     assert fast.hift.is_reference  # channels_last measured slower on HiFT (patches/04)
     with pytest.raises(ValueError, match="unknown OptConfig preset"):
         OptConfig.from_name("turbo")

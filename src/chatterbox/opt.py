@@ -119,8 +119,9 @@ class OptConfig:
         """The best configuration measured on one H100 (eval/results/h100-ab.json, patches/).
 
         T3: bf16 weights, packed q/k/v and gate/up projections (``t3_fused_decode``) whose per-layer
-        elementwise work is compiled (``t3.compile``, CUDA only), all inside one CUDA graph per token
-        (sampling included), and a CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
+        elementwise work is compiled (``t3.compile``, CUDA only), projections through the small-M
+        Triton GEMV (``t3_gemv``), all inside one CUDA graph per token (sampling included), and a
+        CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
         bucketed lengths. channels_last is off everywhere: on HiFT it measured slower (patches/04).
         The flow encoder, tokenizer, CAMPPlus and voice encoder run once per call or per voice and
         stay fp32 (bf16 changes the tokenizer's speech tokens). Stop checks every 4 tokens: with a
@@ -133,6 +134,7 @@ class OptConfig:
             attention_backend="sdpa",
             stop_check_every=4,
             t3_fused_decode=True,
+            t3_gemv=True,
         )
 
     @classmethod
