@@ -2,11 +2,13 @@
 
 Everything here mirrors what upstream feeds its models (numbers in ARCHITECTURE_FACTS §1-2). The
 torch extractors build their filterbank and window from the config on every call (a few hundred
-microseconds) unless the caller passes them in; nothing is cached at module level.
+microseconds, and on a GPU a synchronising copy) unless the caller passes them in; the models keep
+them as buffers built at construction, and nothing is cached at module level.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +131,9 @@ class VEMelConfig:
     def mel_basis(self, device: torch.device | str | None = None) -> torch.Tensor:
         return slaney_mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.fmin, self.fmax).to(device)
 
+    def window(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return periodic_hann(self.win_length).to(device)
+
 
 def _as_float_tensor(wav: AudioLike) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(wav)) if isinstance(wav, np.ndarray) else wav
@@ -139,8 +144,13 @@ def ve_mel_spectrogram(
     wav: AudioLike,
     cfg: VEMelConfig | None = None,
     mel_basis: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Power mel of a 16 kHz mono waveform, (L,) -> (n_mels, 1 + L // hop), float32 like librosa's."""
+    """Power mel of a 16 kHz mono waveform, (L,) -> (n_mels, 1 + L // hop), float32 like librosa's.
+
+    ``mel_basis`` / ``window`` (built from ``cfg`` when not given) must already be on the
+    waveform's device; the voice encoder keeps them as buffers.
+    """
     cfg = cfg or VEMelConfig.published()
     x = _as_float_tensor(wav)
     if x.dim() != 1:
@@ -151,7 +161,7 @@ def ve_mel_spectrogram(
                          f"(needs more than {cfg.n_fft // 2})")
     if mel_basis is None:
         mel_basis = cfg.mel_basis(x.device)
-    window = periodic_hann(cfg.win_length, dtype=x.dtype).to(x.device)
+    window = periodic_hann(cfg.win_length, dtype=x.dtype).to(x.device) if window is None else window.to(x.dtype)
     spec = torch.stft(x, cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length, window=window,
                       center=True, pad_mode="reflect", normalized=False, onesided=True,
                       return_complex=True)  # (F, T)
@@ -206,6 +216,41 @@ def resample_torchaudio(wav: torch.Tensor, src_sr: int, dst_sr: int) -> torch.Te
         return wav
     resampler = torchaudio.transforms.Resample(int(src_sr), int(dst_sr)).to(device=wav.device, dtype=wav.dtype)
     return resampler(wav)
+
+
+def sinc_resample_kernel(src_sr: int, dst_sr: int) -> tuple[torch.Tensor, int]:
+    """(kernel, width) of torchaudio's default ``transforms.Resample(src_sr, dst_sr)``, built on the host.
+
+    The kernel is (dst / g, 1, 2 * width + src / g) float32 with g = gcd(src, dst), derived in
+    float64 and rounded once, exactly as the transform caches it; a module keeps it as a buffer
+    and applies it with ``resample_sinc``.
+    """
+    import torchaudio
+
+    with torch.device("cpu"):
+        transform = torchaudio.transforms.Resample(int(src_sr), int(dst_sr))
+    return transform.kernel.detach().clone(), int(transform.width)
+
+
+def resample_sinc(wav: torch.Tensor, kernel: torch.Tensor, width: int, src_sr: int, dst_sr: int) -> torch.Tensor:
+    """Apply a ``sinc_resample_kernel``: (..., L) -> (..., ceil(L * dst / src)).
+
+    The same zero padding, strided convolution and interleaving of the output phases as
+    torchaudio's resampler, so the result equals ``resample_torchaudio`` (bit for bit on the CPU).
+    """
+    g = math.gcd(int(src_sr), int(dst_sr))
+    src_step, dst_step = int(src_sr) // g, int(dst_sr) // g
+    if kernel.shape[0] != dst_step or kernel.shape[-1] != 2 * width + src_step:
+        raise ValueError(f"kernel of shape {tuple(kernel.shape)} (width {width}) is not a "
+                         f"{src_sr} -> {dst_sr} Hz kernel")
+    lead = wav.shape[:-1]
+    rows = wav.reshape(-1, wav.shape[-1])
+    length = rows.shape[-1]
+    padded = F.pad(rows, (width, width + src_step))
+    phases = F.conv1d(padded[:, None], kernel.to(device=rows.device, dtype=rows.dtype), stride=src_step)
+    out = phases.transpose(1, 2).reshape(rows.shape[0], -1)  # (B, frames * dst_step), phases interleaved
+    out_len = -(-dst_step * length // src_step)
+    return out[:, :out_len].reshape(*lead, out_len)
 
 
 def resample_soxr(wav: np.ndarray, src_sr: int, dst_sr: int) -> np.ndarray:

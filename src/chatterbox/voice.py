@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import load_reference, resample_soxr
+from .audio import load_reference, resample_soxr, trim_silence
 from .conditionals import Conditionals
 from .models.s3gen.s3gen import S3Gen
 from .models.t3.cond import T3Cond
-from .models.voice_encoder import VoiceEncoder
+from .models.voice_encoder import DEFAULT_TRIM_TOP_DB, VoiceEncoder
+from .timing import StageTimer
+from .transfer import host_to_device
 
 
 @dataclass(frozen=True)
@@ -31,27 +33,50 @@ class VoiceConfig:
 
 def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path | np.ndarray | torch.Tensor,
                          exaggeration: float = 0.5, sample_rate: int | None = None,
-                         cfg: VoiceConfig = VoiceConfig()) -> Conditionals:
+                         cfg: VoiceConfig = VoiceConfig(), timer: StageTimer | None = None) -> Conditionals:
     """Reference audio (a file path, or a 1-D/2-D array or tensor with its ``sample_rate``) -> voice.
 
     The 24 kHz signal is read (and resampled) as librosa does; the 16 kHz copy for T3's prompt
     tokens and the voice encoder is made with soxr, while S3Gen's reference embedding resamples
-    with torchaudio, both as upstream.
+    with torchaudio's sinc kernel, both as upstream (the two 16 kHz signals differ on purpose).
+
+    Order of work (the results do not depend on it): the host work first (loading, soxr, the
+    voice encoder's silence trim), then the 16 kHz audio goes to the device once and serves the
+    voice encoder (trimmed) and T3's prompt (first 6 s), then S3Gen's reference (10 s at 24 kHz).
+    The voice encoder's LSTM (a long sequential chain on the device) is queued first so that it
+    runs while the host is still launching the many short kernels behind it. Copies are
+    asynchronous and nothing reads a device value back, so the host never waits for the device.
+    ``timer``: optional per-stage timer (``StageTimer`` interface), for profiling.
     """
-    ref_24k = load_reference(wav_or_path, sample_rate, cfg.s3gen_sample_rate)  # (L,) float32
-    ref_16k = resample_soxr(ref_24k, cfg.s3gen_sample_rate, cfg.tokenizer_sample_rate)
+    timer = timer or StageTimer(enabled=False)
     device = s3gen.device
+    with timer.stage("load"):
+        ref_24k = load_reference(wav_or_path, sample_rate, cfg.s3gen_sample_rate)  # (L,) float32
+    with timer.stage("resample_16k_soxr"):
+        ref_16k = resample_soxr(ref_24k, cfg.s3gen_sample_rate, cfg.tokenizer_sample_rate)
+    with timer.stage("ve.trim"):
+        # the voice encoder's own trimming (as in embeds_from_wavs), on the host copy
+        start, end = trim_silence(ref_16k, top_db=DEFAULT_TRIM_TOP_DB)
+    with timer.stage("h2d_16k"):
+        wav_16k = host_to_device(ref_16k, device, torch.float32)
+    with timer.stage("ve.mel"):
+        # as ve.embeds_from_wavs([ref_16k], 16 kHz): trim, mel, partial embeddings, averaged
+        ve_mel = ve.mel(wav_16k[start:end].to(ve.mel_filters.device))
+    with timer.stage("ve.net"):
+        speaker = ve.embeds_from_mels([ve_mel]).mean(0, keepdim=True)
+    with timer.stage("t3.tokenizer"):
+        t3_prompt = wav_16k[: int(cfg.t3_reference_seconds * cfg.tokenizer_sample_rate)]
+        prompt_tokens, _ = s3gen.tokenizer([t3_prompt], max_len=cfg.t3_prompt_tokens)  # (1, <=150)
     s3gen_ref = s3gen.embed_ref(ref_24k[: int(cfg.s3gen_reference_seconds * cfg.s3gen_sample_rate)],
-                                cfg.s3gen_sample_rate)
-    t3_prompt = torch.from_numpy(ref_16k[: int(cfg.t3_reference_seconds * cfg.tokenizer_sample_rate)]).to(device)
-    prompt_tokens, _ = s3gen.tokenizer([t3_prompt], max_len=cfg.t3_prompt_tokens)  # (1, <=150)
-    speaker = ve.embeds_from_wavs([ref_16k], sample_rate=cfg.tokenizer_sample_rate).mean(0, keepdim=True)
-    t3_cond = T3Cond(
-        speaker_emb=speaker.to(device),
-        cond_prompt_speech_tokens=prompt_tokens,
-        emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=device),
-    )
-    return Conditionals(t3_cond, s3gen_ref)
+                                cfg.s3gen_sample_rate, timer=timer)
+    with timer.stage("assemble"):
+        t3_cond = T3Cond(
+            speaker_emb=speaker.to(device),
+            cond_prompt_speech_tokens=prompt_tokens,
+            emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=device),
+        )
+        conds = Conditionals(t3_cond, s3gen_ref)
+    return conds
 
 
 def synthetic_reference(seconds: float = 4.0, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dsp import periodic_hann, slaney_mel_filterbank
+from ..transfer import host_to_device
 from .s3tokenizer_encoder import FSQuantizer, S3Encoder
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ class S3Tokenizer(nn.Module):
             if wav.shape[0] <= self.cfg.n_fft // 2:
                 raise ValueError(f"waveform {i}: {wav.shape[0]} samples is too short "
                                  f"(need more than {self.cfg.n_fft // 2})")
-            rows.append(wav.to(device=ref.device, dtype=ref.dtype))
+            rows.append(host_to_device(wav, ref.device, ref.dtype))
         return rows
 
     def log_mel(self, wav: torch.Tensor) -> torch.Tensor:
@@ -200,7 +201,8 @@ class S3Tokenizer(nn.Module):
     def _tokenize_padded(self, mels: list[torch.Tensor], frames: list[int],
                          size: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch = torch.stack([F.pad(mel, (0, size - n)) for mel, n in zip(mels, frames)])  # (B, n_mels, size)
-        lens = torch.tensor(frames, dtype=torch.long, device=batch.device)
+        # Built on the host and copied asynchronously: the lengths are known there.
+        lens = host_to_device(torch.tensor(frames, dtype=torch.long), batch.device)
         return self.encode_mels(batch, lens)
 
     def _tokenize_windowed(self, mels: list[torch.Tensor],
@@ -246,4 +248,4 @@ class S3Tokenizer(nn.Module):
         lengths = [m.shape[0] for m in merged]
         width = max(lengths)
         tokens = torch.stack([F.pad(m, (0, width - m.shape[0])) for m in merged])
-        return tokens, torch.tensor(lengths, dtype=torch.long, device=tokens.device)
+        return tokens, host_to_device(torch.tensor(lengths, dtype=torch.long), tokens.device)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..audio import VEMelConfig, resample_soxr, trim_silence, ve_mel_spectrogram
+from ..transfer import host_to_device
 
 # Fixed initial values of the (unused at inference) cosine-similarity scaling parameters.
 _SIMILARITY_WEIGHT_INIT = 10.0
@@ -98,6 +99,19 @@ class VoiceEncoder(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.embed_size)
         self.similarity_weight = nn.Parameter(torch.tensor([_SIMILARITY_WEIGHT_INIT]))
         self.similarity_bias = nn.Parameter(torch.tensor([_SIMILARITY_BIAS_INIT]))
+        # Mel front-end constants, built once on the host (also under a meta-device construction)
+        # and moved with the module; not checkpoint entries. The mel is computed in float32 even
+        # if a dtype pass lowers these with the weights.
+        with torch.device("cpu"):
+            self.register_buffer("mel_filters", cfg.mel.mel_basis("cpu"), persistent=False)
+            self.register_buffer("mel_window", cfg.mel.window("cpu"), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        # After a move, cuDNN wants the LSTM weights in one buffer again; otherwise it compacts
+        # them on every call. A no-op off CUDA; the values are unchanged.
+        self.lstm.flatten_parameters()
+        return out
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels) partial mels -> (B, embed_size) L2-normalised embeddings."""
@@ -110,15 +124,28 @@ class VoiceEncoder(nn.Module):
     def _device(self) -> torch.device:
         return self.proj.weight.device
 
+    def mel(self, wav: torch.Tensor) -> torch.Tensor:
+        """(L,) 16 kHz waveform (already trimmed) -> (T, n_mels) power mel, on the waveform's device."""
+        return ve_mel_spectrogram(wav, self.cfg.mel, self.mel_filters.float(), self.mel_window.float()).transpose(0, 1)
+
     def mels_from_wavs(
         self, wavs: Sequence[np.ndarray | torch.Tensor], sample_rate: int,
         trim_top_db: float | None = DEFAULT_TRIM_TOP_DB,
     ) -> list[torch.Tensor]:
-        """One (T_i, n_mels) mel per waveform: resampled to 16 kHz, silence-trimmed, on this module's device."""
+        """One (T_i, n_mels) mel per waveform: resampled to 16 kHz, silence-trimmed, on this module's device.
+
+        Resampling and trimming run on the host (numpy, as upstream); each trimmed waveform is then
+        copied to the device once, without a synchronisation. A device tensor with trimming on is
+        read back to the host first.
+        """
         mel_cfg = self.cfg.mel
-        mel_basis = mel_cfg.mel_basis(self._device())
+        device = self._device()
         mels = []
         for wav in wavs:
+            if isinstance(wav, torch.Tensor) and wav.device == device and not trim_top_db \
+                    and sample_rate == mel_cfg.sample_rate:
+                mels.append(self.mel(wav.float()))  # nothing to do on the host
+                continue
             arr = wav.detach().cpu().numpy() if isinstance(wav, torch.Tensor) else np.asarray(wav)
             arr = arr.astype(np.float32, copy=False)
             if sample_rate != mel_cfg.sample_rate:
@@ -128,8 +155,7 @@ class VoiceEncoder(nn.Module):
             if trim_top_db:
                 start, end = trim_silence(arr, top_db=trim_top_db)
                 arr = arr[start:end]
-            wav_t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(self._device())
-            mels.append(ve_mel_spectrogram(wav_t, mel_cfg, mel_basis).transpose(0, 1))  # (T, M)
+            mels.append(self.mel(host_to_device(arr, device, torch.float32)))  # (T, M)
         return mels
 
     def partial_embeds(

@@ -14,7 +14,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...audio import S3GenMelConfig, resample_torchaudio, s3gen_mel_spectrogram
+from ...audio import (S3GenMelConfig, resample_sinc, resample_torchaudio, s3gen_mel_spectrogram,
+                      sinc_resample_kernel)
+from ...timing import StageTimer
+from ...transfer import host_to_device
 from ..s3tokenizer import S3Tokenizer, S3TokenizerConfig
 from .cfm import EstimatorFn
 from .flow import FlowConfig, S3GenFlow
@@ -102,31 +105,48 @@ class S3Gen(nn.Module):
         self.mel2wav = HiFTGenerator(cfg.hift)
         # created on the CPU explicitly, so a model built on the meta device still has its value
         self.register_buffer("trim_fade", trim_fade_window(cfg, device="cpu"), persistent=False)
+        # Reference front end (embed_ref): the mel filterbank and window, and the 24 -> 16 kHz
+        # resampling kernel, built once from the config instead of on every call.
+        with torch.device("cpu"):
+            self.register_buffer("ref_mel_basis", cfg.mel.mel_basis("cpu"), persistent=False)
+            self.register_buffer("ref_mel_window", cfg.mel.window("cpu"), persistent=False)
+            kernel, self.ref_resample_width = sinc_resample_kernel(cfg.sample_rate, cfg.tokenizer_sample_rate)
+        self.register_buffer("ref_resample_kernel", kernel, persistent=False)
 
     @property
     def device(self) -> torch.device:
         return self.flow.input_embedding.weight.device
 
     # ---------------------------------------------------------------- reference
-    def embed_ref(self, wav: torch.Tensor | np.ndarray, sample_rate: int) -> S3GenRef:
+    def embed_ref(self, wav: torch.Tensor | np.ndarray, sample_rate: int,
+                  timer: StageTimer | None = None) -> S3GenRef:
         """Reference mel, speech tokens and x-vector of a mono recording, as upstream's ``embed_ref``.
 
         When the mel has F != 2P frames, the tokens are cut to F // 2 and the mel is kept as is.
+        A host waveform is copied to the device once, without a synchronisation; from there on
+        the call only queues device work. ``timer``: optional per-stage timer (``StageTimer``
+        interface), for profiling.
         """
-        if isinstance(wav, np.ndarray):
-            wav = torch.from_numpy(np.ascontiguousarray(wav))
-        wav = wav.to(device=self.device, dtype=torch.float32)
+        timer = timer or StageTimer(enabled=False)
+        with timer.stage("s3gen.h2d"):
+            wav = host_to_device(wav, self.device, torch.float32)
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)  # (1, L)
         if wav.dim() != 2 or wav.shape[0] != 1:
             raise ValueError(f"embed_ref takes one mono waveform (L,) or (1, L), got shape {tuple(wav.shape)}")
         if wav.shape[1] > self.cfg.max_reference_seconds * sample_rate:
             log.warning("S3Gen reference is longer than %.0f s", self.cfg.max_reference_seconds)
-        wav_24k = wav if sample_rate == self.cfg.sample_rate else resample_torchaudio(wav, sample_rate, self.cfg.sample_rate)
-        prompt_feat = s3gen_mel_spectrogram(wav_24k, self.cfg.mel).transpose(1, 2)  # (1, F, 80)
-        wav_16k = resample_torchaudio(wav, sample_rate, self.cfg.tokenizer_sample_rate)
-        embedding = self.speaker_encoder.inference(wav_16k)  # (1, 192)
-        tokens, _ = self.tokenizer(wav_16k)  # (1, P)
+        with timer.stage("s3gen.mel"):
+            prompt_feat = self.reference_mel(wav, sample_rate)  # (1, F, 80)
+        with timer.stage("s3gen.resample_16k"):
+            wav_16k = self.resample_to_tokenizer_rate(wav, sample_rate)
+        with timer.stage("s3gen.tokenizer"):
+            tokens, _ = self.tokenizer(wav_16k)  # (1, P)
+        # CAMPPlus last: hundreds of short kernels, so little device work is left once queued
+        with timer.stage("campplus.fbank"):
+            feats = self.speaker_encoder.features(wav_16k)
+        with timer.stage("campplus.net"):
+            embedding = self.speaker_encoder(feats)  # (1, 192)
         n_frames = prompt_feat.shape[1]
         if n_frames != self.cfg.mel_frames_per_token * tokens.shape[1]:
             log.debug("reference mel has %d frames for %d tokens: tokens cut to %d",
@@ -135,6 +155,22 @@ class S3Gen(nn.Module):
         token_len = torch.full((1,), tokens.shape[1], dtype=torch.long, device=tokens.device)
         return S3GenRef(prompt_token=tokens, prompt_token_len=token_len, prompt_feat=prompt_feat,
                         embedding=embedding)
+
+    def reference_mel(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """(1, L) waveform on this module's device -> (1, F, n_mels) prompt mel at the output rate."""
+        if sample_rate != self.cfg.sample_rate:
+            wav = resample_torchaudio(wav, sample_rate, self.cfg.sample_rate)
+        mel = s3gen_mel_spectrogram(wav, self.cfg.mel, self.ref_mel_basis.to(wav.dtype),
+                                    self.ref_mel_window.to(wav.dtype))
+        return mel.transpose(1, 2)
+
+    def resample_to_tokenizer_rate(self, wav: torch.Tensor, sample_rate: int) -> torch.Tensor:
+        """torchaudio's sinc resampling to the tokenizer rate, as upstream's ``embed_ref``; from the
+        output rate with the prebuilt kernel."""
+        if sample_rate == self.cfg.sample_rate:
+            return resample_sinc(wav, self.ref_resample_kernel, self.ref_resample_width, sample_rate,
+                                 self.cfg.tokenizer_sample_rate)
+        return resample_torchaudio(wav, sample_rate, self.cfg.tokenizer_sample_rate)
 
     # ---------------------------------------------------------------- rendering
     def draw_cfm_noise(self, generator: torch.Generator | None = None) -> torch.Tensor:

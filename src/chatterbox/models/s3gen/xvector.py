@@ -16,22 +16,24 @@ Attribute names mirror the published checkpoint's keys (``nonlinear.batchnorm``,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-import torchaudio.compliance.kaldi as kaldi
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ...nn.conv import Conv1d
+from .kaldi_fbank import KaldiFbankConfig
+from .kaldi_fbank import kaldi_fbank as _kaldi_fbank
 
 # Kaldi fbank front end (torchaudio defaults otherwise: 25 ms Povey window, 10 ms shift, snip_edges).
-FBANK_SAMPLE_RATE = 16000
-FBANK_NUM_MEL_BINS = 80
-FBANK_WINDOW_SAMPLES = 400  # 25 ms at 16 kHz: shorter input yields no frame at all
-FBANK_HOP_SAMPLES = 160
+_FBANK = KaldiFbankConfig.published()
+FBANK_SAMPLE_RATE = _FBANK.sample_rate
+FBANK_NUM_MEL_BINS = _FBANK.n_mels
+FBANK_WINDOW_SAMPLES = _FBANK.window_samples  # 25 ms at 16 kHz: shorter input yields no frame at all
+FBANK_HOP_SAMPLES = _FBANK.hop_samples
 # The unbiased std of the statistics pooling needs two frames after the strided TDNN (with fewer,
 # upstream silently returns NaN).
 MIN_POOLED_FRAMES = 2
@@ -264,6 +266,7 @@ class CAMPPlusConfig:
     cam_reduction: int = 2
     cam_seg_len: int = 100
     bn_eps: float = 1e-5
+    fbank: KaldiFbankConfig = field(default_factory=KaldiFbankConfig.published)
 
     @classmethod
     def published(cls) -> "CAMPPlusConfig":
@@ -279,6 +282,8 @@ class CAMPPlusConfig:
         n = len(self.block_layers)
         if len(self.block_kernels) != n or len(self.block_dilations) != n:
             raise ValueError("block_layers, block_kernels and block_dilations must have the same length")
+        if self.fbank.n_mels != self.feat_dim:
+            raise ValueError(f"fbank.n_mels ({self.fbank.n_mels}) must equal feat_dim ({self.feat_dim})")
 
 
 class CAMPPlusOutputs(NamedTuple):
@@ -287,21 +292,21 @@ class CAMPPlusOutputs(NamedTuple):
     xvector: torch.Tensor  # (B, embedding_size)
 
 
-def kaldi_fbank(wav: torch.Tensor) -> torch.Tensor:
-    """Kaldi log-mel fbank of one 16 kHz float waveform: (L,) -> (1 + (L - 400) // 160, 80)."""
-    if wav.dim() != 1:
-        raise ValueError(f"kaldi_fbank expects a 1-D waveform (L,), got shape {tuple(wav.shape)}")
-    if wav.shape[0] < FBANK_WINDOW_SAMPLES:
-        raise ValueError(f"waveform too short for a Kaldi fbank frame: {wav.shape[0]} samples, need at "
-                         f"least {FBANK_WINDOW_SAMPLES} (25 ms at {FBANK_SAMPLE_RATE} Hz)")
-    return kaldi.fbank(wav.unsqueeze(0), num_mel_bins=FBANK_NUM_MEL_BINS,
-                       sample_frequency=float(FBANK_SAMPLE_RATE))
+def kaldi_fbank(wav: torch.Tensor, cfg: KaldiFbankConfig | None = None, mel_banks: torch.Tensor | None = None,
+                window: torch.Tensor | None = None) -> torch.Tensor:
+    """Kaldi log-mel fbank of one 16 kHz float waveform: (L,) -> (1 + (L - 400) // 160, 80).
+
+    Equal to ``torchaudio.compliance.kaldi.fbank(wav[None], num_mel_bins=80)``; see ``kaldi_fbank.py``.
+    """
+    return _kaldi_fbank(wav, cfg or _FBANK, mel_banks, window)
 
 
-def campplus_features(wav: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def campplus_features(wav: torch.Tensor | Sequence[torch.Tensor], cfg: KaldiFbankConfig | None = None,
+                      mel_banks: torch.Tensor | None = None, window: torch.Tensor | None = None) -> torch.Tensor:
     """Mean-normalised fbank features of a batch: (B, L) or a list of (L_i,) -> (B, T_max, 80).
 
     Each item is mean-normalised over its own frames; shorter items are then zero-padded at the end.
+    ``mel_banks`` / ``window``: prebuilt fbank constants (``CAMPPlus`` passes its buffers).
     """
     if isinstance(wav, torch.Tensor):
         if wav.dim() != 2:
@@ -311,10 +316,17 @@ def campplus_features(wav: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tenso
         items = list(wav)
     if len(items) == 0:
         raise ValueError("campplus_features got an empty batch")
+    cfg = cfg or _FBANK
+    if mel_banks is None:
+        mel_banks = cfg.mel_banks()
+    if window is None:
+        window = cfg.window()
     feats = []
     for item in items:
-        fb = kaldi_fbank(item)  # (T_i, 80)
+        fb = _kaldi_fbank(item, cfg, mel_banks, window)  # (T_i, 80)
         feats.append(fb - fb.mean(dim=0, keepdim=True))
+    if len(feats) == 1:
+        return feats[0].unsqueeze(0)
     return pad_sequence(feats, batch_first=True, padding_value=0.0)  # (B, T_max, 80)
 
 
@@ -356,6 +368,11 @@ class CAMPPlus(nn.Module):
         self.head = FCMHead(cfg.feat_dim, cfg.head_channels, cfg.head_layer_blocks, cfg.head_freq_stride,
                             cfg.bn_eps)
         self.xvector = XVectorTrunk(cfg, self.head.out_channels)
+        # Fbank constants, built once on the host (also under a meta-device construction) and moved
+        # with the module; not checkpoint entries. A dtype pass may lower them with the weights:
+        # the features are still computed in the waveform's dtype.
+        self.register_buffer("fbank_mel_banks", cfg.fbank.mel_banks(), persistent=False)
+        self.register_buffer("fbank_window", cfg.fbank.window(), persistent=False)
 
     @property
     def min_feature_frames(self) -> int:
@@ -378,6 +395,10 @@ class CAMPPlus(nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, T, 80) -> (B, 192)
         return self.forward_with_intermediates(feats).xvector
 
+    def features(self, wav: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """``campplus_features`` with this module's fbank buffers: waveforms on its device -> (B, T, 80)."""
+        return campplus_features(wav, self.cfg.fbank, self.fbank_mel_banks, self.fbank_window)
+
     def inference(self, wav: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """16 kHz float waveforms, (B, L) or a list of (L_i,), -> x-vectors (B, 192)."""
-        return self.forward(campplus_features(wav))
+        return self.forward(self.features(wav))
