@@ -82,7 +82,8 @@ def _git(*args: str) -> str | None:
 
 def environment(device: torch.device, commit: str | None = None) -> dict:
     head = _git("rev-parse", "HEAD")
-    in_git = bool(head) and re.fullmatch(r"[0-9a-f]{40}", head) is not None
+    # An explicit --commit wins: a copied tree may carry a stale .git of its own.
+    in_git = commit is None and bool(head) and re.fullmatch(r"[0-9a-f]{40}", head) is not None
     env = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "platform": platform.platform(),
            "cpu_threads": torch.get_num_threads(), "git_commit": head if in_git else commit,

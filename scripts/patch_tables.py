@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from eval import report  # noqa: E402
 
 MARKER = re.compile(
-    r"(?P<open><!-- (?P<kind>table|stages):(?P<path>[^:\s>]+)"
+    r"(?P<open><!-- (?P<kind>table|stages|t3variants):(?P<path>[^:\s>]+)"
     r"(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
     r"\n(?P<body>.*?)(?P<close><!-- /(?P=kind) -->)",
     re.S,
@@ -53,12 +53,36 @@ def load_result(path: Path) -> dict:
     if not path.is_file():
         raise TableError(f"result file not found: {path}")
     result = json.loads(path.read_text())
+    if result.get("schema", "").startswith("chatterbox-fast/t3-variants/"):
+        return result
     if "summary" not in result:
         result["summary"] = report.summarize(result)
     return result
 
 
+def t3_variants_table(result: dict, configs: list[str] | None) -> str:
+    """A ``python -m eval.t3_variants`` result: per config ms/token, tokens/s, ratio to the first config."""
+    rows = ["| config | T3 ms/token | T3 tok/s | vs first | warm-up s | peak GB |", "|---|---|---|---|---|---|"]
+    for r in result["configs"]:
+        if configs and r["config"] not in configs:
+            continue
+        peak = r.get("peak_mem_gb")
+        rows.append(f"| `{r['config']}` | {r['ms_per_token']:.3f} | {r['tokens_per_s']:.1f} | "
+                    f"{r['speedup_vs_first']:.2f}x | {r['warmup_s']:.1f} | "
+                    f"{'n/a' if peak is None else f'{peak:.2f}'} |")
+    return "\n".join(rows)
+
+
+def t3_variants_caption(result: dict) -> str:
+    env, st = result["environment"], result["settings"]
+    return (f"{env.get('device_name', env.get('device'))} · torch {env.get('torch')} · commit "
+            f"{str(env.get('git_commit'))[:10]} · synthetic weights · {st['tokens']} tokens · {st['reps']} reps "
+            f"(median) · configs run one after another")
+
+
 def render(kind: str, result: dict, configs: list[str] | None, columns: list[str] | None) -> str:
+    if kind == "t3variants":
+        return t3_variants_table(result, configs)
     if kind == "stages":
         sub = dict(result, summary={k: v for k, v in result["summary"].items() if not configs or k in configs})
         return report.stage_table(sub)
@@ -78,7 +102,8 @@ def rewrite(text: str, root: Path = ROOT, cache: dict | None = None) -> str:
             cache[path] = load_result(path)
         result = cache[path]
         body = render(m["kind"], result, _split(m["configs"]), _split(m["columns"]))
-        return f"{m['open']}\n_{report.caption(result)}_\n\n{body}\n{m['close']}"
+        caption = t3_variants_caption(result) if m["kind"] == "t3variants" else report.caption(result)
+        return f"{m['open']}\n_{caption}_\n\n{body}\n{m['close']}"
 
     return MARKER.sub(repl, text)
 
