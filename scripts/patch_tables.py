@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from eval import report  # noqa: E402
 
 MARKER = re.compile(
-    r"(?P<open><!-- (?P<kind>table|stages|t3variants):(?P<path>[^:\s>]+)"
+    r"(?P<open><!-- (?P<kind>table|stages|t3variants|smallm):(?P<path>[^:\s>]+)"
     r"(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
     r"\n(?P<body>.*?)(?P<close><!-- /(?P=kind) -->)",
     re.S,
@@ -53,7 +53,7 @@ def load_result(path: Path) -> dict:
     if not path.is_file():
         raise TableError(f"result file not found: {path}")
     result = json.loads(path.read_text())
-    if result.get("schema", "").startswith("chatterbox-fast/t3-variants/"):
+    if result.get("schema", "").startswith("chatterbox-fast/t3-variants/") or "calls_per_graph" in result:
         return result
     if "summary" not in result:
         result["summary"] = report.summarize(result)
@@ -80,7 +80,29 @@ def t3_variants_caption(result: dict) -> str:
             f"(median) · configs run one after another")
 
 
+def small_m_table(result: dict) -> str:
+    """An ``eval/bench_small_m_linear.py`` result: per shape cuBLAS vs the kernel (and the sweep's best)."""
+    rows = ["| shape (M, N, K) | F.linear us | GB/s | small_m_linear us | GB/s | speed-up | best swept us |",
+            "|---|---|---|---|---|---|---|"]
+    for name, r in result["shapes"].items():
+        best = min((c["us"] for c in r.get("sweep", []) if "us" in c), default=None)
+        rows.append(f"| {name} {tuple(r['shape'])} | {r['F.linear']['us']:.2f} | {r['F.linear']['gb_s']:.0f} | "
+                    f"{r['small_m_linear']['us']:.2f} | {r['small_m_linear']['gb_s']:.0f} | {r['speedup']:.2f}x | "
+                    f"{'n/a' if best is None else f'{best:.2f}'} |")
+    return "\n".join(rows)
+
+
+def small_m_caption(result: dict) -> str:
+    env = result["env"]
+    return (f"{env.get('device_name')} · torch {env.get('torch')} · triton {env.get('triton')} · commit "
+            f"{str(env.get('git_commit'))[:10]} · M = {result['rows']} · {result['dtype']} · "
+            f"{'hot' if result['hot'] else 'cold'} weights · {result['calls_per_graph']} calls per graph · "
+            f"{result['reps']} reps (median)")
+
+
 def render(kind: str, result: dict, configs: list[str] | None, columns: list[str] | None) -> str:
+    if kind == "smallm":
+        return small_m_table(result)
     if kind == "t3variants":
         return t3_variants_table(result, configs)
     if kind == "stages":
@@ -102,7 +124,8 @@ def rewrite(text: str, root: Path = ROOT, cache: dict | None = None) -> str:
             cache[path] = load_result(path)
         result = cache[path]
         body = render(m["kind"], result, _split(m["configs"]), _split(m["columns"]))
-        caption = t3_variants_caption(result) if m["kind"] == "t3variants" else report.caption(result)
+        captions = {"t3variants": t3_variants_caption, "smallm": small_m_caption}
+        caption = captions.get(m["kind"], report.caption)(result)
         return f"{m['open']}\n_{caption}_\n\n{body}\n{m['close']}"
 
     return MARKER.sub(repl, text)
