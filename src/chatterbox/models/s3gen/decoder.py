@@ -3,12 +3,17 @@
 The published model has a single resolution level: down stage (resnet + transformers + causal
 conv, no down-sampling), a stack of mid stages, one up stage fed with the down stage's skip, then a
 final causal block and a 1x1 projection. Keys live under ``flow.decoder.estimator.`` in s3gen.
+
+Per call, work shared by all stages is done once: the Mish of the time embedding, the attention
+bias, and the masking of each stage's input (every transformer stack hands back its output already
+masked, in the (B, C, T) layout the convolutions read, see ``channels_first``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...nn.conv import Conv1d
@@ -19,6 +24,7 @@ from .decoder_blocks import (
     TimestepMLP,
     TransformerBlock,
     apply_mask,
+    channels_first,
     key_padding_bias,
     sinusoidal_embedding,
 )
@@ -69,11 +75,17 @@ def _resnet(cfg: ConditionalDecoderConfig, dim_in: int) -> CausalResnetBlock1D:
     return CausalResnetBlock1D(dim_in, cfg.channels, cfg.time_embed_dim, cfg.kernel_size, cfg.norm_eps)
 
 
-def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    h = x.transpose(1, 2)  # (B, T, C)
+def _run_transformers(blocks: nn.ModuleList, x: torch.Tensor, bias: torch.Tensor | None,
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, C, T) -> transformer blocks on (B, T, C) -> contiguous (B, C, T), masked.
+
+    Every consumer of a stage's output masks it first, so the mask is applied here, fused with the
+    layout change.
+    """
+    h = x.transpose(1, 2)  # (B, T, C); in eager the resnet's sum already has this memory layout
     for block in blocks:
         h = block(h, bias)
-    return h.transpose(1, 2).contiguous()  # (B, C, T)
+    return channels_first(h, mask)
 
 
 class ConditionalDecoder(nn.Module):
@@ -125,25 +137,25 @@ class ConditionalDecoder(nn.Module):
         # are cast to the activation dtype only after the sinusoids.
         t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
         t_emb = self.time_mlp(t_feat.to(x.dtype))  # (B, time_embed_dim)
+        t_act = F.mish(t_emb)  # every resnet projects Mish(t_emb); computed once
 
         spk_map = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, spk_dim, T)
-        h = torch.cat([x, mu, spk_map, cond], dim=1)  # (B, in_channels, T)
+        h = apply_mask(torch.cat([x, mu, spk_map, cond], dim=1), mask)  # (B, in_channels, T)
         # one level, so every stage sees the same mask and attention bias
         bias = key_padding_bias(mask, h.dtype)
 
+        # resnets take masked inputs; _run_transformers returns masked outputs
         resnet, blocks, conv = self.down_blocks[0]
-        h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
-        skip = h
-        h = conv(apply_mask(h, mask))
+        skip = _run_transformers(blocks, resnet(h, mask, t_act), bias, mask)
+        h = apply_mask(conv(skip), mask)
 
         for resnet, blocks in self.mid_blocks:
-            h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
+            h = _run_transformers(blocks, resnet(h, mask, t_act), bias, mask)
 
         resnet, blocks, conv = self.up_blocks[0]
         h = torch.cat([h, skip], dim=1)  # (B, 2C, T)
-        h = _run_transformers(blocks, resnet(h, mask, t_emb), bias)
-        h = conv(apply_mask(h, mask))
+        h = conv(_run_transformers(blocks, resnet(h, mask, t_act), bias, mask))
 
-        h = self.final_block(h, mask)
-        out = self.final_proj(apply_mask(h, mask))  # (B, n_feats, T)
+        h = self.final_block(h, mask)  # masked on return
+        out = self.final_proj(h)  # (B, n_feats, T)
         return apply_mask(out, mask)

@@ -6,7 +6,12 @@ Submodule names reproduce the published checkpoint keys: the convolution blocks 
 ``ff.net.2``).
 
 Masks are ``(B, 1, T)`` float tensors of 0/1, or ``None`` when no frame is padded: multiplying by a
-mask of ones is exact, so the ``None`` path skips those products and gives identical numbers.
+mask of ones is exact, so the ``None`` path skips those products and gives identical numbers. For the
+same reason masking twice equals masking once, which lets the decoder mask each resnet input once
+(``CausalResnetBlock1D`` takes its input already masked) with bit-identical results.
+
+Everything here traces into one ``torch.compile`` graph (no host syncs, no value-dependent Python
+branches; ``tests/test_estimator_compile.py`` checks it with ``fullgraph=True``).
 """
 from __future__ import annotations
 
@@ -24,6 +29,22 @@ PADDED_KEY_BIAS = -1.0e10
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return x if mask is None else x * mask
+
+
+def channels_first(h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) -> contiguous (B, C, T), zero on padded frames when there is a mask.
+
+    Same numbers as ``apply_mask(h.transpose(1, 2).contiguous(), mask)``, but with a mask the product
+    writes the transposed layout directly: one kernel instead of a copy and a product. Autograd does
+    not take ``out=``, so when it would record the product the two-step form is used.
+    """
+    x = h.transpose(1, 2)
+    if mask is None:
+        return x.contiguous()
+    if torch.is_grad_enabled() and (x.requires_grad or mask.requires_grad):
+        return x.contiguous() * mask
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, mask.dtype), device=x.device)
+    return torch.mul(x, mask, out=out)
 
 
 def key_padding_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -95,13 +116,21 @@ class CausalBlock1D(nn.Module):
         ])
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.forward_masked(apply_mask(x, mask), mask)
+
+    def forward_masked(self, x_masked: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``forward`` for an input that is already zero on padded frames (skips that product)."""
         conv, _, norm = self.block
-        h = F.mish(norm(conv(apply_mask(x, mask))))
+        h = F.mish(norm(conv(x_masked)))
         return apply_mask(h, mask)
 
 
 class CausalResnetBlock1D(nn.Module):
-    """Two causal blocks with the time embedding added in between, plus a 1x1 residual projection."""
+    """Two causal blocks with the time embedding added in between, plus a 1x1 residual projection.
+
+    ``forward`` takes the input already masked and the time embedding already through Mish: both are
+    shared by every resnet of the decoder, so it computes them once per call.
+    """
 
     def __init__(self, dim: int, dim_out: int, time_dim: int, kernel_size: int, eps: float):
         super().__init__()
@@ -111,15 +140,20 @@ class CausalResnetBlock1D(nn.Module):
         self.block2 = CausalBlock1D(dim_out, dim_out, kernel_size, eps)
         self.res_conv = Conv1d(dim, dim_out, 1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, t_emb: torch.Tensor) -> torch.Tensor:
-        h = self.block1(x, mask)  # (B, C_out, T)
-        h = h + self.mlp[1](F.mish(t_emb)).unsqueeze(-1)
+    def forward(self, x_masked: torch.Tensor, mask: torch.Tensor | None, t_act: torch.Tensor) -> torch.Tensor:
+        """x_masked: (B, C_in, T), zero on padded frames; t_act: (B, time_dim), Mish(time embedding)."""
+        h = self.block1.forward_masked(x_masked, mask)  # (B, C_out, T)
+        h = h + self.mlp[1](t_act).unsqueeze(-1)
         h = self.block2(h, mask)
-        return h + self.res_conv(apply_mask(x, mask))
+        return h + self.res_conv(x_masked)
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through SDPA; q/k/v projections without bias, output with bias."""
+    """Multi-head self-attention through SDPA; q/k/v projections without bias, output with bias.
+
+    The three projections keep their own ``Linear`` (checkpoint keys) but run as one GEMM on their
+    stacked weights: one wider matrix product instead of three narrow ones.
+    """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int):
         super().__init__()
@@ -131,13 +165,11 @@ class SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self._heads(self.to_q(x)), self._heads(self.to_k(x)), self._heads(self.to_v(x))
+        weight = torch.cat((self.to_q.weight, self.to_k.weight, self.to_v.weight))  # (3 * inner, dim)
+        qkv = F.linear(x, weight).view(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D), strided views
         # default SDPA scale is head_dim ** -0.5, the reference scale
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
