@@ -16,6 +16,9 @@ Loads the pipeline on synthetic weights (``ChatterboxTTS.from_synthetic``), appl
   ``S3Gen.embed_ref`` mark. The synchronisations stop host and device from overlapping, so the
   stage sum exceeds ``voice_total``; ``breakdown_output_equal`` checks that the timed call gave
   the same voice as an untimed one;
+* ``frontend_max_abs_diff_vs_per_call``: each front end with prebuilt constants (reference mel,
+  24 -> 16 kHz resampling, CAMPPlus fbank, voice-encoder mel) against the per-call computation it
+  replaced (torchaudio's resampler and fbank, filterbanks built per call), on the same device;
 * on CUDA, ``syncs``: the device synchronisations one call makes (``torch.cuda`` sync debug
   mode, with the source line of each), and ``kernels``: the GPU kernel time and launch count of
   one call under ``torch.profiler``.
@@ -143,6 +146,34 @@ def time_stages(tts, wav, sr: int, reps: int, autograd) -> tuple[dict[str, list[
     return per_stage, equal, diff
 
 
+def frontend_check(tts, wav, sr: int) -> dict:
+    """Each prebuilt-constant front end against the per-call computation it replaced, on the
+    pipeline's device: max |difference| (0.0 = equal). On the CPU all are exactly equal; on CUDA
+    the fbank's Povey window is now computed on the host (torchaudio computed it on the device)."""
+    import numpy as np
+    import torchaudio.compliance.kaldi as ta_kaldi
+
+    from chatterbox.audio import resample_soxr, resample_torchaudio, s3gen_mel_spectrogram, ve_mel_spectrogram
+
+    s3gen, ve, device = tts.s3gen, tts.ve, tts.device
+    wav24 = torch.from_numpy(np.ascontiguousarray(wav[: int(tts.voice_cfg.s3gen_reference_seconds * sr)]))
+    wav24 = wav24.to(device)[None]
+    wav16 = torch.from_numpy(resample_soxr(wav, sr, tts.voice_cfg.tokenizer_sample_rate)).to(device)
+    pairs = {}
+    with torch.inference_mode():
+        pairs["s3gen_mel"] = (s3gen.reference_mel(wav24, sr),
+                              s3gen_mel_spectrogram(wav24, s3gen.cfg.mel).transpose(1, 2))
+        new16 = s3gen.resample_to_tokenizer_rate(wav24, sr)
+        old16 = resample_torchaudio(wav24, sr, s3gen.cfg.tokenizer_sample_rate)
+        pairs["resample_16k"] = (new16, old16)
+        fb = ta_kaldi.fbank(old16, num_mel_bins=s3gen.cfg.speaker_encoder.feat_dim,
+                            sample_frequency=float(s3gen.cfg.tokenizer_sample_rate))
+        pairs["campplus_fbank"] = (s3gen.speaker_encoder.features(old16), (fb - fb.mean(dim=0, keepdim=True))[None])
+        pairs["ve_mel"] = (ve.mel(wav16), ve_mel_spectrogram(wav16, ve.cfg.mel).transpose(0, 1))
+    return {name: (new - old).abs().max().item() if new.shape == old.shape else float("nan")
+            for name, (new, old) in pairs.items()}
+
+
 def _call_site() -> str:
     """The innermost frame of this repository's code on the current stack (file:line function)."""
     import traceback
@@ -227,6 +258,9 @@ def print_table(result: dict) -> None:
     for key in ("voice_host", "voice_total", "tts_total"):
         print(f"  {key:24s} {result['totals'][key]['median_ms']:9.2f} {result['totals'][key]['min_ms']:9.2f}")
     print(f"  breakdown output equal to an untimed call: {result['breakdown_output_equal']}")
+    if "frontend_max_abs_diff_vs_per_call" in result:
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in result["frontend_max_abs_diff_vs_per_call"].items())
+        print(f"  front ends vs the per-call computation (max |diff|): {diffs}")
     if "syncs" in result:
         print(f"  device syncs per call: {result['syncs']['count']}")
         for site, n in result["syncs"]["sites"].items():
@@ -290,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "breakdown_output_max_abs_diff": diff,
     }
     result["stages_sum_ms"] = sum(s["median_ms"] for s in result["stages"].values())
+    result["frontend_max_abs_diff_vs_per_call"] = frontend_check(tts, wav, sr)
     if device.type == "cuda":
         result["syncs"] = count_syncs(tts, wav, sr, autograd)
         if not args.no_kernel_profile:

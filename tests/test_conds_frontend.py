@@ -125,6 +125,24 @@ def test_constants_are_real_after_meta_construction_and_not_checkpoint_entries()
     assert not [k for k in keys if k.rsplit(".", 1)[-1] in names]
 
 
+def test_building_on_meta_leaves_torchaudio_usable():
+    # torchaudio makes module-level tensors when first imported; an import first reached inside a
+    # meta-device construction would leave them on meta (then kaldi.fbank fails). Fresh interpreter.
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src"
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1])\n"
+            "from chatterbox.loader import build_models\n"
+            "build_models()\n"
+            "import torchaudio.compliance.kaldi as k\n"
+            "assert k.EPSILON.device.type == 'cpu'\n"
+            "k.fbank(torch.randn(1, 4000))\n")
+    done = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------- pieces
 def test_reference_mel_equals_the_per_call_mel(tiny):
     wav = _noise(SR24 * 3 + 17, 4)[None]
@@ -250,6 +268,8 @@ def test_profile_conds_stage_breakdown_on_the_tiny_pipeline(tiny, capsys):
               "stages": {k: profile_conds._summary(v) for k, v in per_stage.items()},
               "totals": {k: summary for k in ("voice_host", "voice_total", "tts_total")},
               "breakdown_output_equal": equal}
+    assert profile_conds.frontend_check(fake, wav, SR24) == {
+        "s3gen_mel": 0.0, "resample_16k": 0.0, "campplus_fbank": 0.0, "ve_mel": 0.0}
     profile_conds.print_table(result)
     printed = capsys.readouterr().out
     assert "campplus.net" in printed and "sum of stages" in printed

@@ -225,9 +225,9 @@ def sinc_resample_kernel(src_sr: int, dst_sr: int) -> tuple[torch.Tensor, int]:
     float64 and rounded once, exactly as the transform caches it; a module keeps it as a buffer
     and applies it with ``resample_sinc``.
     """
-    import torchaudio
+    with torch.device("cpu"):  # also around the import: torchaudio makes tensors when first imported
+        import torchaudio
 
-    with torch.device("cpu"):
         transform = torchaudio.transforms.Resample(int(src_sr), int(dst_sr))
     return transform.kernel.detach().clone(), int(transform.width)
 

@@ -23,9 +23,10 @@ def host_to_device(data: torch.Tensor | np.ndarray, device: torch.device | str,
     if dtype is not None and t.dtype != dtype and t.device.type == "cpu":
         t = t.to(dtype)  # cast on the host: the copy then moves the final bytes
     if device.type == "cuda" and t.device.type == "cpu":
-        if not t.is_pinned():
-            t = t.pin_memory()
-        t = t.to(device, non_blocking=True)
+        # Always a fresh staging block (even for a pinned source, which the caller may reuse).
+        staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staging.copy_(t)
+        t = staging.to(device, non_blocking=True)
     else:
         t = t.to(device)
     return t if dtype is None else t.to(dtype)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+# Imported here, never first under a meta-device context: the module makes tensors at import time.
+from torchaudio.compliance.kaldi import get_mel_banks
 
 _MS_PER_S = 1000.0
 
@@ -55,8 +57,6 @@ class KaldiFbankConfig:
     def mel_banks(self) -> torch.Tensor:
         """(n_mels, fft_size // 2 + 1) float32 triangular filters on Kaldi's mel scale; the Nyquist
         column is zero. Built on the host with torchaudio's own construction."""
-        from torchaudio.compliance.kaldi import get_mel_banks
-
         no_vtln_low, no_vtln_high, no_warp = 100.0, -500.0, 1.0  # VTLN off (warp factor 1)
         with torch.device("cpu"):
             banks, _ = get_mel_banks(self.n_mels, self.fft_size, float(self.sample_rate), self.low_freq,
