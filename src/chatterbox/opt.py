@@ -27,8 +27,10 @@ COMPONENTS = ("s3tokenizer", "voice_encoder", "campplus", "t3", "flow_encoder", 
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient", "cudnn")
 # Components whose convolutions can run as 4-D channels_last (the voice encoder is an LSTM).
 CHANNELS_LAST_COMPONENTS = ("s3tokenizer", "campplus", "flow_encoder", "cfm_estimator", "hift")
-# Components with a CUDA-graph runner: the T3 decode step and the CFM estimator.
-CUDA_GRAPH_COMPONENTS = ("t3", "cfm_estimator")
+# Components with a CUDA-graph runner: the T3 decode step (and prefill), the CFM estimator (bucketed
+# lengths), and the per-voice encoders (one graph per exact input shape: a reference of the same
+# length replays).
+CUDA_GRAPH_COMPONENTS = ("t3", "cfm_estimator", "campplus", "voice_encoder")
 PRESETS = ("reference", "fast")
 
 _SPEC_SEPARATOR = "+"

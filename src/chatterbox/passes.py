@@ -68,6 +68,7 @@ class ComponentSpec:
     keep_float32: tuple[str, ...] = ()  # paths, relative to the cast subtree, that stay float32
     boundaries: tuple[Boundary, ...] = ()
     compile_targets: tuple[tuple[str, str], ...] = ()  # (submodule path, method)
+    graph_targets: tuple[tuple[str, str], ...] = ()  # methods run as per-shape CUDA graphs (cuda_graphs)
     attention_targets: tuple[tuple[str, str], ...] = ()
 
 
@@ -87,9 +88,9 @@ def _specs() -> dict[str, ComponentSpec]:
                       boundaries=(Boundary("encoder", "forward"),),
                       compile_targets=(("encoder", "forward"),), attention_targets=(("encoder", "forward"),)),
         ComponentSpec("voice_encoder", VoiceEncoder, boundaries=(Boundary("", "forward"),),
-                      compile_targets=(("", "forward"),)),
+                      compile_targets=(("", "forward"),), graph_targets=(("", "forward"),)),
         ComponentSpec("campplus", CAMPPlus, boundaries=(Boundary("", "forward_with_intermediates"),),
-                      compile_targets=(("", "forward_with_intermediates"),)),
+                      compile_targets=(("", "forward_with_intermediates"),), graph_targets=(("", "forward"),)),
         ComponentSpec("t3", T3, keep_float32=("speech_head", "text_head"),
                       boundaries=(Boundary("cond_enc", "forward", to_float32=False),
                                   Boundary("speech_head", "forward"), Boundary("text_head", "forward")),
@@ -312,6 +313,9 @@ def _apply_component(spec: ComponentSpec, module: nn.Module, plan: _Plan) -> _Ap
             target = module.get_submodule(b.path)
             _wrap(done, target, b.method, functools.partial(
                 _cast_boundary, dtype=_module_dtype(target), keep_args=b.keep_args, to_float32=b.to_float32))
+    if comp.cuda_graphs:
+        for path, method in spec.graph_targets:
+            _wrap(done, module.get_submodule(path), method, functools.partial(ShapeGraphs, name=f"{spec.name}.{method}"))
     return done
 
 
@@ -442,6 +446,39 @@ def _compiled(fn: Callable, *, mode: str) -> Callable:
         return compiled(*args, **kwargs)
 
     return run
+
+
+class ShapeGraphs:
+    """``fn(tensor) -> tensor`` replayed from a CUDA graph per exact input shape (the
+    ``cuda_graphs`` pass of the per-voice encoders: a reference of a length seen before replays).
+
+    Calls with CPU tensors, or while autograd records, run ``fn`` eagerly. The least recently used
+    graph beyond ``max_graphs`` is dropped.
+    """
+
+    def __init__(self, fn: Callable, *, name: str, max_graphs: int = 8) -> None:
+        from collections import OrderedDict
+
+        self.fn = fn
+        self.name = name
+        self.max_graphs = max_graphs
+        self.graphs: OrderedDict = OrderedDict()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from .nn.cuda_graph import CudaGraph
+
+        if not torch.is_tensor(x) or x.device.type != "cuda" or (torch.is_grad_enabled() and x.requires_grad):
+            return self.fn(x)
+        key = (tuple(x.shape), x.dtype, x.device)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = CudaGraph(self.fn, name=f"{self.name}{list(x.shape)}", clone_outputs=True)
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+        else:
+            self.graphs.move_to_end(key)
+        return graph(x)
 
 
 def _with_attention(fn: Callable, *, backend: str) -> Callable:
