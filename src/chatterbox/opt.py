@@ -124,14 +124,18 @@ class OptConfig:
         elementwise work is compiled (``t3.compile``, CUDA only), projections through the small-M
         Triton GEMV (``t3_gemv``), all inside one CUDA graph per token (sampling included), and a
         CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
-        bucketed lengths. channels_last is off everywhere: on HiFT it measured slower (patches/04).
-        The flow encoder, tokenizer, CAMPPlus and voice encoder run once per call or per voice and
+        bucketed lengths. CAMPPlus and the voice encoder: fp32, one CUDA graph per reference length
+        (preparing a voice is launch-bound: 84 -> 20 ms, eval/results/h100-profile-conds-graphs.json).
+        channels_last is off everywhere: on HiFT it measured slower (patches/04).
+        The flow encoder and tokenizer run once per call or per voice and
         stay fp32 (bf16 changes the tokenizer's speech tokens). Stop checks every 4 tokens: with a
         graphed decode the host sync is cheap and fewer tokens are decoded past the stop.
         """
         return cls(
             t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True, compile="default"),
             cfm_estimator=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
+            campplus=ComponentOpt(cuda_graphs=True),
+            voice_encoder=ComponentOpt(cuda_graphs=True),
             autograd_mode="inference_mode",
             attention_backend="sdpa",
             stop_check_every=4,
