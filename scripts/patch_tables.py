@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from eval import report  # noqa: E402
 
 MARKER = re.compile(
-    r"(?P<open><!-- (?P<kind>table|stages|t3variants|smallm):(?P<path>[^:\s>]+)"
+    r"(?P<open><!-- (?P<kind>table|stages|t3variants|smallm|conds):(?P<path>[^:\s>]+)"
     r"(?::(?P<configs>[^:\s>]*))?(?::(?P<columns>[^:\s>]*))? -->)"
     r"\n(?P<body>.*?)(?P<close><!-- /(?P=kind) -->)",
     re.S,
@@ -53,7 +53,8 @@ def load_result(path: Path) -> dict:
     if not path.is_file():
         raise TableError(f"result file not found: {path}")
     result = json.loads(path.read_text())
-    if result.get("schema", "").startswith("chatterbox-fast/t3-variants/") or "calls_per_graph" in result:
+    schema = result.get("schema", "")
+    if schema.startswith(("chatterbox-fast/t3-variants/", "chatterbox-fast/profile-conds/")) or "calls_per_graph" in result:
         return result
     if "summary" not in result:
         result["summary"] = report.summarize(result)
@@ -100,7 +101,30 @@ def small_m_caption(result: dict) -> str:
             f"{result['reps']} reps (median)")
 
 
+def conds_table(result: dict) -> str:
+    """An ``eval/profile_conds.py`` result: totals, GPU kernel time and launches, stage medians."""
+    t, k = result["totals"], result.get("kernels") or {}
+    rows = ["| opt | tts_total ms | voice_total ms | host ms | GPU kernel ms | launches | syncs |",
+            "|---|---|---|---|---|---|---|",
+            f"| `{result['settings'].get('opt')}` | {t['tts_total']['median_ms']:.1f} | "
+            f"{t['voice_total']['median_ms']:.1f} | {t['voice_host']['median_ms']:.1f} | "
+            f"{k.get('gpu_kernel_ms', float('nan')):.1f} | {k.get('kernel_launches', 'n/a')} | "
+            f"{(result.get('syncs') or {}).get('count', 'n/a')} |", "",
+            "| stage | " + " | ".join(result["stages"]) + " |",
+            "|---|" + "---|" * len(result["stages"]),
+            "| ms | " + " | ".join(f"{v['median_ms']:.2f}" for v in result["stages"].values()) + " |"]
+    return "\n".join(rows)
+
+
+def conds_caption(result: dict) -> str:
+    env, st = result["env"], result["settings"]
+    return (f"{env.get('device_name')} · torch {env.get('torch')} · commit {str(env.get('git_commit'))[:10]} · "
+            f"synthetic weights · {st.get('reference_seconds', 10)} s reference · {st.get('reps')} reps (median)")
+
+
 def render(kind: str, result: dict, configs: list[str] | None, columns: list[str] | None) -> str:
+    if kind == "conds":
+        return conds_table(result)
     if kind == "smallm":
         return small_m_table(result)
     if kind == "t3variants":
@@ -124,7 +148,7 @@ def rewrite(text: str, root: Path = ROOT, cache: dict | None = None) -> str:
             cache[path] = load_result(path)
         result = cache[path]
         body = render(m["kind"], result, _split(m["configs"]), _split(m["columns"]))
-        captions = {"t3variants": t3_variants_caption, "smallm": small_m_caption}
+        captions = {"t3variants": t3_variants_caption, "smallm": small_m_caption, "conds": conds_caption}
         caption = captions.get(m["kind"], report.caption)(result)
         return f"{m['open']}\n_{caption}_\n\n{body}\n{m['close']}"
 
