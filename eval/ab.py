@@ -168,6 +168,7 @@ def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, 
             stages.run_synthesize(tts, case, args.seed, args.watermark)
             if stages.stream_supported(tts) is None:
                 stages.run_stream(tts, case, args.seed, args.chunk_size, args.context_window, args.watermark)
+        stages.prepare_conditionals_seconds(tts, *ref_audio)  # per-voice graphs, too
         out.append({"kind": "rewarm", "config": name, "rep": rep, "seconds": time.perf_counter() - t0})
     stages.reset_peak_memory(dev)
     stream_why = stages.stream_supported(tts)
