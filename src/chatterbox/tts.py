@@ -22,8 +22,8 @@ from .opt import OptConfig, autograd_context
 from .synthetic import NOT_SPEECH_WARNING
 from .text import EnTokenizer, TextSplitConfig, drop_invalid_tokens, punc_norm, split_text
 from .models.s3gen.hift_stream import HiFTStreamer, StreamNoise
-from .streaming import (ChunkTiming, FlowStreamConfig, StreamingMetrics, chunk_schedule, flow_stream_step,
-                        init_flow_stream)
+from .stream_pipeline import S3GenStreamSpec, SegmentSlot, make_runner, render_in_order, t3_chunks
+from .streaming import ChunkTiming, FlowStreamConfig, StreamingMetrics, chunk_schedule
 from .timing import StageTimer
 from .voice import VoiceConfig, prepare_conditionals, synthetic_reference
 from .watermark import Watermarker, watermark_available
@@ -251,6 +251,8 @@ class ChatterboxTTS:
         seams and no cross-fade is applied (``fade_duration`` is accepted for compatibility and unused).
         ``lookahead_tokens`` holds each chunk's newest frames back until that many later tokens exist
         (3 is the encoder's own lookahead; more raises fidelity to one-shot at the cost of latency).
+        With ``opt.overlap_s3gen`` on a CUDA device, S3Gen renders chunk k on a side stream while T3
+        decodes chunk k+1; the chunks are the same, in the same order (see ``stream_pipeline``).
         The caller's autograd mode is never changed between chunks; closing the generator early
         releases its state.
         """
@@ -266,77 +268,61 @@ class ChatterboxTTS:
         if watermark is None:
             watermark = watermark_available()
         metrics = StreamingMetrics()
-        streamer = HiFTStreamer(self.s3gen.mel2wav)
-        with autograd_context(self.opt.autograd_mode):
+        mode = self.opt.autograd_mode
+        with autograd_context(mode):
             conds = self._resolve_conds(audio_prompt_path, exaggeration)
             cfm_noise = self.s3gen.draw_cfm_noise(noise_gen)
+        spec = S3GenStreamSpec(s3gen=self.s3gen, ref=conds.gen, streamer=HiFTStreamer(self.s3gen.mel2wav),
+                               cfm_noise=cfm_noise, flow_cfg=flow_cfg, n_timesteps=self.opt.cfm_steps,
+                               estimator=self._cfm_estimator)
+        runner = make_runner(self.device, self.opt)
+
+        def chunk_items():
+            """Per segment: T3's chunks (and poll points), each with the segment's S3Gen slot."""
+            for segment in segments:
+                with autograd_context(mode):
+                    tokens_iter = self.t3.generate_tokens(
+                        conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
+                        cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                        order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every,
+                        decoder=self._t3_decoder)
+                slot = SegmentSlot(spec, StreamNoise.drawn(vocoder_gen))
+                try:
+                    for chunk in t3_chunks(tokens_iter, schedule, self.t3.cfg.stop_speech_token, self.device, mode):
+                        yield None if chunk is None else (slot, chunk)
+                finally:
+                    tokens_iter.close()
+
+        items = chunk_items()
+        rendered = render_in_order(items, lambda item: runner.submit(*item))
         total_samples = 0
-        for segment in segments:
-            with autograd_context(self.opt.autograd_mode):
-                tokens_iter = self.t3.generate_tokens(
-                    conds.t3, self.text_tokens(segment), max_new_tokens, temperature=temperature,
-                    cfg_weight=cfg_weight, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                    order=RESEMBLE_ORDER, generator=sample_gen, block_size=self.opt.stop_check_every,
-                    decoder=self._t3_decoder)
-                flow_state = init_flow_stream(self.s3gen, conds.gen)
-                voc_state = streamer.init_state(1, self.device, StreamNoise.drawn(vocoder_gen))
-            segment_samples = 0
-            pending: list[torch.Tensor] = []
-            done = False
-            try:
-                while not done:
-                    want = next(schedule)
-                    timer = StageTimer(self.device)
-                    t3_start = time.perf_counter()
-                    with autograd_context(self.opt.autograd_mode):
-                        while sum(p.shape[1] for p in pending) < want:
-                            block = next(tokens_iter, None)
-                            if block is None:
-                                done = True
-                                break
-                            pending.append(block)
-                        arrived = torch.cat(pending, dim=1) if pending else None
-                        n_arrived = 0 if arrived is None else min(arrived.shape[1], want)
-                        chunk_tokens = arrived[:, :n_arrived] if arrived is not None else None
-                        pending = [arrived[:, n_arrived:]] if arrived is not None and arrived.shape[1] > n_arrived else []
-                        stop_hit = chunk_tokens is not None and bool(
-                            (chunk_tokens == self.t3.cfg.stop_speech_token).any())
-                        done = done or stop_hit
-                        t3_s = time.perf_counter() - t3_start
-                        valid = (drop_invalid_tokens(chunk_tokens) if chunk_tokens is not None
-                                 else torch.zeros(0, dtype=torch.long, device=self.device))
-                        with timer.stage("flow"):
-                            mel, flow_state = flow_stream_step(self.s3gen, conds.gen, flow_state, valid, cfm_noise,
-                                                               flow_cfg, final=done, n_timesteps=self.opt.cfm_steps,
-                                                               estimator=self._cfm_estimator)
-                        with timer.stage("vocoder"):
-                            wav, voc_state = streamer.push(mel, voc_state, final=done)
-                            wav = self.s3gen.apply_trim_fade(wav, offset=segment_samples)
-                        audio = wav.detach().float().to("cpu")
-                    audio = audio.clone()  # a plain tensor, made outside the autograd-mode context
-                    if watermark and audio.shape[1]:
-                        audio = self._watermark(audio)
-                    stages = timer.summary()
-                    segment_samples += audio.shape[1]
-                    if audio.shape[1] == 0:
-                        continue
-                    total_samples += audio.shape[1]
-                    now = time.perf_counter() - start
-                    if metrics.latency_to_first_chunk is None:
-                        metrics.latency_to_first_chunk = now
-                        if print_metrics:
-                            log.info("first audio after %.3f s", now)
-                    metrics.chunk_count += 1
-                    metrics.chunks.append(ChunkTiming(
-                        index=metrics.chunk_count - 1, tokens=0 if chunk_tokens is None else chunk_tokens.shape[1],
-                        samples=audio.shape[1], t3_s=t3_s, flow_s=stages.get("flow", 0.0),
-                        vocoder_s=stages.get("vocoder", 0.0), emitted_at_s=now))
-                    metrics.total_generation_time = now
-                    metrics.total_audio_duration = total_samples / self.sr
-                    metrics.rtf = now / metrics.total_audio_duration
-                    yield audio, metrics
-            finally:
-                tokens_iter.close()
+        try:
+            for done in rendered:
+                if done.samples == 0:
+                    continue
+                audio = done.host.clone()  # a plain tensor, made outside the autograd-mode context
+                if watermark:
+                    audio = self._watermark(audio)
+                stages = done.stage_seconds()
+                total_samples += audio.shape[1]
+                now = time.perf_counter() - start
+                if metrics.latency_to_first_chunk is None:
+                    metrics.latency_to_first_chunk = now
+                    if print_metrics:
+                        log.info("first audio after %.3f s", now)
+                metrics.chunk_count += 1
+                metrics.chunks.append(ChunkTiming(
+                    index=metrics.chunk_count - 1, tokens=done.chunk.n_tokens, samples=audio.shape[1],
+                    t3_s=done.chunk.t3_s, flow_s=stages.get("flow", 0.0), vocoder_s=stages.get("vocoder", 0.0),
+                    emitted_at_s=now))
+                metrics.total_generation_time = now
+                metrics.total_audio_duration = total_samples / self.sr
+                metrics.rtf = now / metrics.total_audio_duration
+                yield audio, metrics
+        finally:
+            rendered.close()
+            items.close()
+            runner.close()
         metrics.total_generation_time = time.perf_counter() - start
         metrics.total_audio_duration = total_samples / self.sr
         metrics.rtf = metrics.total_generation_time / metrics.total_audio_duration if total_samples else None
