@@ -22,16 +22,20 @@ log = logging.getLogger("eval.profile_t3")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def generate(tts, tokens: int, seed: int) -> int:
+def generate_ids(tts, tokens: int, seed: int) -> torch.Tensor:
+    """One T3 generation of up to ``tokens`` tokens (the profile text, fixed sampling) -> ids (1, N)."""
     from chatterbox.models.t3.sampling import RESEMBLE_ORDER
 
     gen = torch.Generator(device=tts.device).manual_seed(seed)
     with torch.inference_mode():
-        out = tts.t3.inference(tts.conds.t3, tts.text_tokens("Hello there, this is a profile run."), tokens,
-                               temperature=0.8, cfg_weight=0.5, top_p=1.0, min_p=0.05, repetition_penalty=1.2,
-                               order=RESEMBLE_ORDER, generator=gen, stop_check_every=tts.opt.stop_check_every,
-                               decoder=tts._t3_decoder)
-    return int(out.shape[1])
+        return tts.t3.inference(tts.conds.t3, tts.text_tokens("Hello there, this is a profile run."), tokens,
+                                temperature=0.8, cfg_weight=0.5, top_p=1.0, min_p=0.05, repetition_penalty=1.2,
+                                order=RESEMBLE_ORDER, generator=gen, stop_check_every=tts.opt.stop_check_every,
+                                decoder=tts._t3_decoder)
+
+
+def generate(tts, tokens: int, seed: int) -> int:
+    return int(generate_ids(tts, tokens, seed).shape[1])
 
 
 def main(argv: list[str] | None = None) -> int:

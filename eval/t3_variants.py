@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .ab import environment, resolve_config
-from .profile_t3 import generate
+from .profile_t3 import generate, generate_ids
 
 log = logging.getLogger("eval.t3_variants")
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,16 +35,9 @@ def _sync(device: torch.device) -> None:
 
 
 def timed_generation(tts, tokens: int, seed: int) -> tuple[float, list[int]]:
-    from chatterbox.models.t3.sampling import RESEMBLE_ORDER
-
     _sync(tts.device)
     t0 = time.perf_counter()
-    gen = torch.Generator(device=tts.device).manual_seed(seed)
-    with torch.inference_mode():
-        out = tts.t3.inference(tts.conds.t3, tts.text_tokens("Hello there, this is a profile run."), tokens,
-                               temperature=0.8, cfg_weight=0.5, top_p=1.0, min_p=0.05, repetition_penalty=1.2,
-                               order=RESEMBLE_ORDER, generator=gen, stop_check_every=tts.opt.stop_check_every,
-                               decoder=tts._t3_decoder)
+    out = generate_ids(tts, tokens, seed)
     _sync(tts.device)
     return time.perf_counter() - t0, out[0].tolist()
 
