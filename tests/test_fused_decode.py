@@ -256,3 +256,56 @@ def test_gpu_fused_decode_with_the_small_m_gemv_matches_cublas():
         got = fused.with_linear(small_m_linear).decode(x, pos, allocate_stacked_cache(cfg, 2, 8, "cuda", torch.bfloat16))
     # bf16 outputs of two fp32-accumulating GEMVs that sum in different orders
     assert float((got.float() - want.float()).abs().max()) <= 2e-2 * float(want.float().abs().max())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_with_attention_routes_each_layer_through_it_and_matches_sdpa(kv_heads):
+    from chatterbox.kernels.decode_attention import reference_decode_attention
+
+    base = LlamaConfig.tiny()
+    cfg = LlamaConfig(**{**base.__dict__, "num_kv_heads": kv_heads})
+    fused = FusedDecoder.pack(random_llama(cfg=cfg))
+    calls = []
+
+    def attend(qkv, cos, sin, layer_kv, position, heads, kv_h):
+        calls.append((tuple(qkv.shape), tuple(layer_kv.shape), heads, kv_h))
+        return reference_decode_attention(qkv, cos, sin, layer_kv, position, heads, kv_h)
+
+    g = torch.Generator().manual_seed(5)
+    cache_a = allocate_stacked_cache(cfg, 2, 16, "cpu", torch.float32)
+    cache_b = allocate_stacked_cache(cfg, 2, 16, "cpu", torch.float32)
+    routed = fused.with_attention(attend)
+    for pos in range(6):
+        x, position = torch.randn(2, 1, cfg.hidden_size, generator=g), torch.tensor([pos])
+        want = fused.decode(x, position, KVCache(cache_a.k[:, :, :, :8], cache_a.v[:, :, :, :8]))
+        got = routed.decode(x, position, KVCache(cache_b.k[:, :, :, :8], cache_b.v[:, :, :, :8]))
+        assert float((got - want).abs().max()) <= ATOL
+    assert float((cache_a.k - cache_b.k).abs().max()) <= ATOL and float((cache_a.v - cache_b.v).abs().max()) <= ATOL
+    heads = cfg.num_heads + 2 * kv_heads
+    assert calls[:cfg.num_layers] == [((2, heads, cfg.head_dim), (2, 2, kv_heads, 8, cfg.head_dim), cfg.num_heads,
+                                        kv_heads)] * cfg.num_layers
+
+
+def test_t3_decode_attention_needs_the_fused_decode():
+    with pytest.raises(ValueError, match="t3_decode_attention needs t3_fused_decode"):
+        OptConfig.parse("reference+t3_decode_attention=1")
+    assert OptConfig.parse("reference+t3_fused_decode=1+t3_decode_attention=1").t3_decode_attention
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_fused_decode_with_the_triton_attention_matches_sdpa():
+    from chatterbox.kernels.decode_attention import decode_attention
+
+    cfg = LlamaConfig.tiny()
+    fused = FusedDecoder.pack(random_llama(cfg=cfg).cuda().to(torch.bfloat16))
+    cache_a = allocate_stacked_cache(cfg, 2, 64, "cuda", torch.bfloat16)
+    cache_b = allocate_stacked_cache(cfg, 2, 64, "cuda", torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(2)
+    with torch.inference_mode():
+        for pos in range(40):
+            x = torch.randn(2, 1, cfg.hidden_size, device="cuda", dtype=torch.bfloat16, generator=g)
+            position = torch.tensor([pos], device="cuda")
+            want = fused.decode(x, position, cache_a)
+            got = fused.with_attention(decode_attention).decode(x, position, cache_b)
+            assert float((got.float() - want.float()).abs().max()) <= 3e-2 * float(want.float().abs().max())

@@ -84,6 +84,12 @@ class OptConfig:
     # With t3_fused_decode on CUDA: the decode's projections use the small-M Triton GEMV
     # (kernels/small_m_linear.py) instead of cuBLAS.
     t3_gemv: bool = False
+    # With t3_fused_decode on CUDA: rotary, the KV-cache write and attention of a decode step run as two
+    # Triton kernels (kernels/decode_attention.py) instead of rotary + index_copy_ + mask + SDPA.
+    t3_decode_attention: bool = False
+    # With t3_fused_decode: the norms, the SiLU gate and the residual adds run inside the projection
+    # GEMVs (kernels/fused_gemv.py, CUDA; torch compositions elsewhere).
+    t3_gemv_fusion: bool = False
     # Streaming: S3Gen of chunk k runs on a side CUDA stream while T3 decodes chunk k+1.
     overlap_s3gen: bool = False
 
@@ -98,6 +104,10 @@ class OptConfig:
             raise ValueError(f"cfm_bucket_frames must be >= 1, got {self.cfm_bucket_frames}")
         if self.t3_gemv and not self.t3_fused_decode:
             raise ValueError("t3_gemv needs t3_fused_decode (the GEMV runs inside the fused decode)")
+        if self.t3_decode_attention and not self.t3_fused_decode:
+            raise ValueError("t3_decode_attention needs t3_fused_decode (the kernels run inside the fused decode)")
+        if self.t3_gemv_fusion and not self.t3_fused_decode:
+            raise ValueError("t3_gemv_fusion needs t3_fused_decode (the kernels run inside the fused decode)")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
         for name in COMPONENTS:
@@ -160,7 +170,8 @@ class OptConfig:
         Component fields: ``dtype`` (float32|bfloat16|float16, or fp32/bf16/fp16), ``channels_last``
         and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
         Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
-        ``cfm_bucket_frames``, ``t3_fused_decode``, ``t3_gemv`` and ``overlap_s3gen`` (booleans).
+        ``cfm_bucket_frames``; ``t3_fused_decode``, ``t3_gemv``, ``t3_decode_attention``,
+        ``t3_gemv_fusion`` and ``overlap_s3gen`` (booleans).
         """
         if not isinstance(spec, str):
             raise TypeError(f"an OptConfig spec is a str, got {type(spec).__name__}")
@@ -186,7 +197,7 @@ class OptConfig:
             return self.with_component(comp, **{fname: _component_value(fname, value)})
         if key in ("autograd_mode", "attention_backend"):
             return self.replace(**{key: value})
-        if key in ("t3_fused_decode", "t3_gemv", "overlap_s3gen"):
+        if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion", "overlap_s3gen"):
             low = value.lower()
             if low not in _TRUE + _FALSE:
                 raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")

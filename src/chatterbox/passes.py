@@ -235,8 +235,11 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
         if not (isinstance(state.t3_decoder, T3GraphDecoder) and state.t3_decoder.t3 is t3
                 and state.opt.t3 == opt.t3 and state.opt.attention_backend == opt.attention_backend
                 and state.opt.t3_fused_decode == opt.t3_fused_decode and state.opt.t3_gemv == opt.t3_gemv
+                and state.opt.t3_decode_attention == opt.t3_decode_attention
+                and state.opt.t3_gemv_fusion == opt.t3_gemv_fusion
                 and state.t3_decoder.enabled == graphed):
-            fused = _fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv) if opt.t3_fused_decode else None
+            fused = (_fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv, opt.t3_decode_attention)
+                     .with_gemv_fusion(opt.t3_gemv_fusion) if opt.t3_fused_decode else None)
             state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed)
     else:
         state.t3_decoder = None
@@ -250,7 +253,8 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
         state.cfm_estimator = None
 
 
-def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv: bool = False):
+def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv: bool = False,
+                   decode_attention: bool = False):
     """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked (CUDA).
 
     Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
@@ -267,6 +271,14 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv:
             fused = fused.with_linear(small_m_linear)
         else:
             log.warning("t3_gemv is a CUDA kernel; on %s the fused decode uses F.linear", fused.final_norm.device)
+    if decode_attention:
+        if fused.final_norm.device.type == "cuda":
+            from .kernels.decode_attention import decode_attention as attend
+
+            fused = fused.with_attention(attend)
+        else:
+            log.warning("t3_decode_attention is a CUDA kernel; on %s the fused decode uses SDPA",
+                        fused.final_norm.device)
     if compile_mode is None:
         return fused
     if fused.final_norm.device.type != "cuda":

@@ -150,6 +150,13 @@ class FusedDecoder:
     norm_fn: Callable = rms_norm
     # y = x @ W.T for the projections: F.linear, or e.g. kernels.small_m_linear (a pass sets it).
     linear_fn: Callable = F.linear
+    # (qkv (B, H + 2 KVH, D), cos (D,), sin (D,), layer cache (2, B, KVH, L, D), position (1,), H, KVH)
+    # -> (B, H * D), writing the step's key/value into the cache: e.g. kernels.decode_attention (a
+    # pass sets it). None: rotary in ``inputs_fn``, index_copy_ and SDPA.
+    attend_fn: Callable | None = None
+    # Norms, SiLU gate and residual adds inside the projections (kernels/fused_gemv.py): five
+    # launches a layer plus attention's. Uses ``attend_fn`` (or its torch reference when None).
+    gemv_fusion: bool = False
 
     @classmethod
     def pack(cls, model: LlamaModel) -> "FusedDecoder":
@@ -159,6 +166,12 @@ class FusedDecoder:
 
     def with_linear(self, linear_fn: Callable) -> "FusedDecoder":
         return replace(self, linear_fn=linear_fn)
+
+    def with_attention(self, attend_fn: Callable) -> "FusedDecoder":
+        return replace(self, attend_fn=attend_fn)
+
+    def with_gemv_fusion(self, on: bool = True) -> "FusedDecoder":
+        return replace(self, gemv_fusion=on)
 
     def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
         return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
@@ -183,27 +196,51 @@ class FusedDecoder:
             raise ValueError(f"cache (layers {kv.shape[0]}, batch {kv.shape[2]}) does not fit "
                              f"{cfg.num_layers} layers x batch {embeds.shape[0]}")
         cos, sin = self.rope(position, embeds.dtype)
-        slots = torch.arange(kv.shape[4], device=embeds.device)
-        # Additive float mask built once per token (a bool mask would be converted in every layer).
-        visible = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
-        mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-            ~visible, float("-inf"))
+        if self.gemv_fusion:
+            return self._decode_fused_gemv(embeds, position, kv, cos[0], sin[0])
+        if self.attend_fn is None:
+            slots = torch.arange(kv.shape[4], device=embeds.device)
+            # Additive float mask built once per token (a bool mask would be converted in every layer).
+            visible = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
+            mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
+                ~visible, float("-inf"))
+        b, heads, head_dim = embeds.shape[0], cfg.num_heads, cfg.head_dim
         groups = cfg.num_heads // cfg.num_kv_heads
         eps = cfg.rms_norm_eps
         x = embeds
         normed = self.norm_fn(x, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                       self.linear_fn)
             layer_kv = kv[i]  # (2, B, kvH, L, D)
-            # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
-            layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
-            k, v = layer_kv[0], layer_kv[1]
-            if groups > 1:
-                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self.attend_fn is not None:
+                qkv = self.linear_fn(normed, w.qkv).view(b, heads + 2 * cfg.num_kv_heads, head_dim)
+                attn = self.attend_fn(qkv, cos[0], sin[0], layer_kv, position, heads, cfg.num_kv_heads)
+                attn = attn.view(b, 1, heads, head_dim).transpose(1, 2)
+            else:
+                q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, heads, cfg.num_kv_heads, head_dim,
+                                           self.linear_fn)
+                # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
+                layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
+                k, v = layer_kv[0], layer_kv[1]
+                if groups > 1:
+                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             next_norm = self.final_norm if i == last else self.layers[i + 1].input_norm
             x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps,
                                         self.linear_fn)
         return normed
+
+    def _decode_fused_gemv(self, embeds: Tensor, position: Tensor, kv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        from ...kernels.decode_attention import reference_decode_attention
+        from ...kernels.fused_gemv import glu_linear, residual_linear, rms_linear
+
+        cfg = self.cfg
+        attend = self.attend_fn or reference_decode_attention
+        b, eps = embeds.shape[0], cfg.rms_norm_eps
+        x = embeds
+        for i, w in enumerate(self.layers):
+            qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
+            attn = attend(qkv, cos, sin, kv[i], position, cfg.num_heads, cfg.num_kv_heads).view(b, 1, -1)
+            h = residual_linear(attn, w.o, x)
+            x = glu_linear(rms_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
+        return self.norm_fn(x, self.final_norm, eps)

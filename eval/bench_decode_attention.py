@@ -1,0 +1,96 @@
+"""Time T3's one-position attention: Triton ``decode_attention`` against rotary + index_copy_ + SDPA.
+
+    python -m eval.bench_decode_attention [--widths 128,256,512,1024] [--sweep] [--out eval/results/NAME.json]
+
+T3's shape (CFG batch 2, 16 heads of 64, bf16). Each measurement captures ``--calls`` calls in one
+CUDA graph over ``--layers`` distinct cache tensors (so the caches are not all L2-resident, as in
+a 30-layer decode) and reports the median microseconds per call over ``--reps`` replays. The
+position is the last slot of the window (every slot attended). ``--sweep`` also times other
+(split_len, block_l, num_warps) configs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import torch
+
+from .ab import environment
+
+log = logging.getLogger("eval.bench_decode_attention")
+SWEEP = [(32, 32, 2), (64, 32, 2), (64, 64, 4), (128, 32, 2), (128, 64, 4), (256, 64, 4)]
+
+
+def time_graph(fn, calls: int, reps: int) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn(0)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", default="128,256,512,1024")
+    ap.add_argument("--calls", type=int, default=60)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from chatterbox.kernels.decode_attention import (DEFAULT_CONFIG, DecodeAttentionConfig, decode_attention,
+                                                     reference_decode_attention)
+
+    dev = torch.device("cuda")
+    heads, d = 16, 64
+    res = {"schema": "chatterbox-fast/bench-decode-attention/1", "environment": environment(dev, args.commit),
+           "settings": {k: v for k, v in vars(args).items() if k not in ("out", "commit")}, "rows": []}
+    with torch.inference_mode():
+        for width in (int(w) for w in args.widths.split(",")):
+            caches = [torch.randn(2, 2, heads, width, d, device=dev, dtype=torch.bfloat16) for _ in range(args.layers)]
+            qkv = torch.randn(2, 3 * heads, d, device=dev, dtype=torch.bfloat16)
+            cos, sin = torch.rand(d, device=dev, dtype=torch.bfloat16), torch.rand(d, device=dev, dtype=torch.bfloat16)
+            pos = torch.tensor([width - 1], device=dev)
+            row = {"width": width, "reference_us": time_graph(
+                lambda i: reference_decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads),
+                args.calls, args.reps)}
+            configs = [DEFAULT_CONFIG] + ([DecodeAttentionConfig(*c) for c in SWEEP] if args.sweep else [])
+            row["kernel_us"] = {}
+            for cfg in configs:
+                key = f"{cfg.split_len}/{cfg.block_l}/{cfg.num_warps}"
+                row["kernel_us"][key] = time_graph(
+                    lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads, c),
+                    args.calls, args.reps)
+            default = f"{DEFAULT_CONFIG.split_len}/{DEFAULT_CONFIG.block_l}/{DEFAULT_CONFIG.num_warps}"
+            row["speedup_default"] = row["reference_us"] / row["kernel_us"][default]
+            res["rows"].append(row)
+            best = min(row["kernel_us"], key=row["kernel_us"].get)
+            log.info("width %5d: reference %.2f us, kernel (default %s) %.2f us, best %s %.2f us", width,
+                     row["reference_us"], default, row["kernel_us"][default], best, row["kernel_us"][best])
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

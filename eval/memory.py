@@ -1,0 +1,134 @@
+"""Where the GPU memory goes for one OptConfig, in a fresh process (what one server process holds).
+
+    python -m eval.memory --device cuda --config fast [--tokens 250] [--commit SHA] [--out eval/results/NAME]
+
+Loads the synthetic checkpoint, applies the config, prepares a voice, then runs (after one warm-up
+of each, so graphs and compiled code exist as in a serving process) a one-shot generation and a
+streaming generation of ``--tokens`` tokens. Records allocated / peak / reserved memory after each
+phase, the peak of each phase on its own, and what stays resident: parameter and buffer bytes per
+model component and the T3 decoder's KV cache.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from .ab import environment, resolve_config
+
+log = logging.getLogger("eval.memory")
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "Streaming speech synthesis has to start talking almost at once and then keep ahead of the listener."
+
+
+def tensor_bytes(module: torch.nn.Module, device: torch.device) -> dict:
+    """Bytes of the distinct tensors (parameters, buffers) a module holds on ``device``."""
+    seen: set[int] = set()
+    out = {"params": 0, "buffers": 0}
+    for kind, tensors in (("params", module.parameters()), ("buffers", module.buffers())):
+        for t in tensors:
+            if t.device != device:
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            out[kind] += storage.nbytes()
+    return out
+
+
+def component_bytes(tts, device: torch.device) -> dict:
+    s3 = tts.s3gen
+    parts = {"t3": tts.t3, "voice_encoder": tts.ve, "s3_tokenizer": s3.tokenizer, "campplus": s3.speaker_encoder,
+             "flow_encoder": s3.flow.encoder, "cfm_estimator": s3.flow.decoder.estimator, "hift": s3.mel2wav}
+    out = {name: tensor_bytes(m, device) for name, m in parts.items()}
+    out["all_modules"] = tensor_bytes(torch.nn.ModuleList([tts.t3, tts.ve, s3]), device)
+    return {k: {a: b / 1e9 for a, b in v.items()} for k, v in out.items()}
+
+
+def snapshot(device: torch.device) -> dict:
+    return {"allocated_gb": torch.cuda.memory_allocated(device) / 1e9,
+            "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+            "reserved_gb": torch.cuda.memory_reserved(device) / 1e9}
+
+
+def kv_cache_gb(tts) -> float | None:
+    dec = tts._t3_decoder
+    cache = getattr(dec, "_cache", None)
+    if cache is None:
+        return None
+    from chatterbox.models.t3.fused_decode import stacked_view
+
+    kv = stacked_view(cache)
+    if kv is not None:
+        return kv.numel() * kv.element_size() / 1e9
+    return (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--config", default="fast")
+    ap.add_argument("--tokens", type=int, default=250)
+    ap.add_argument("--chunk-size", type=int, default=25)
+    ap.add_argument("--commit", default=None)
+    ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "memory"))
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device(args.device)
+    if device.type != "cuda":
+        raise SystemExit("eval.memory measures CUDA memory: pass a CUDA --device")
+    from chatterbox import ChatterboxTTS
+    from chatterbox.voice import synthetic_reference
+
+    res: dict = {"schema": "chatterbox-fast/memory/1", "environment": environment(device, args.commit),
+                 "config": args.config, "tokens": args.tokens, "chunk_size": args.chunk_size,
+                 "phases": {}, "phase_peak_gb": {}}
+    tts = ChatterboxTTS.from_synthetic(device, opt=resolve_config(args.config))
+    torch.cuda.synchronize(device)
+    res["phases"]["loaded"] = snapshot(device)
+    res["resident"] = component_bytes(tts, device)
+    wav = synthetic_reference(seconds=10.0)
+
+    def conds():
+        tts.prepare_conditionals(wav, sample_rate=24000)
+
+    def oneshot():
+        tts.synthesize(TEXT, max_new_tokens=args.tokens, seed=0, watermark=False)
+
+    def stream():
+        for _ in tts.generate_stream(TEXT, chunk_size=args.chunk_size, max_new_tokens=args.tokens, seed=0,
+                                     print_metrics=False, watermark=False):
+            pass
+
+    for name, fn in (("prepare_conditionals", conds), ("generate", oneshot), ("generate_stream", stream)):
+        fn()  # warm-up: graphs captured, compiled code built
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        res["phases"][name] = snapshot(device)
+        res["phase_peak_gb"][name] = {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
+                                      "above_start_gb": (torch.cuda.max_memory_allocated(device) - base) / 1e9}
+    res["t3_kv_cache_gb"] = kv_cache_gb(tts)
+    res["peak_gb"] = max(v["peak_gb"] for v in res["phase_peak_gb"].values())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    for k, v in res["resident"].items():
+        log.info("resident %-16s params %.3f GB buffers %.3f GB", k, v["params"], v["buffers"])
+    for k, v in res["phases"].items():
+        log.info("after %-22s %s", k, {a: round(b, 3) for a, b in v.items()})
+    for k, v in res["phase_peak_gb"].items():
+        log.info("peak of %-20s %.3f GB (%.3f above its start)", k, v["peak_gb"], v["above_start_gb"])
+    log.info("T3 KV cache %s GB; overall peak %.3f GB", res["t3_kv_cache_gb"], res["peak_gb"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

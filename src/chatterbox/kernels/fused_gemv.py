@@ -1,0 +1,143 @@
+"""The small-M GEMV with the work around a Llama projection folded in: norm prologue, SiLU-gate
+prologue, residual epilogue.
+
+In T3's decode every projection is surrounded by a cheap elementwise kernel: the RMS norm before
+q/k/v and gate/up, SiLU(gate) * up before down, the residual add after o and down. Each of those is
+a launch of its own (~1-1.5 us on an H100, 30 layers, every token). Here they run inside the GEMV
+(the same weight-streaming fma loop as ``small_m_linear``, same tile configs):
+
+* ``rms_linear(x, g, w, eps)``  = ``F.linear(rms_norm(x, g, eps), w)``: a first pass over the row
+  sums x^2 (the row is a few KiB, L2 resident), the main loop normalises each tile in fp32, rounds
+  it to the activation dtype, and scales by g rounded again, as ``fused_decode.rms_norm`` does;
+* ``glu_linear(gu, w, residual)`` = ``residual + F.linear(silu(gate) * up, w)`` with gate/up the two
+  halves of ``gu`` (the packed gate_up output);
+* ``residual_linear(x, w, residual)`` = ``residual + F.linear(x, w)``.
+
+The GEMV result is rounded to the activation dtype before the residual is added (as the unfused
+code adds two rounded tensors); the add is fp32, rounded once. Off CUDA, for M > 8, split-K configs
+or unsupported dtypes, each function runs its plain torch composition instead (exact reference).
+The kernels are launched directly (no custom op): they are meant for eager code and CUDA-graph
+capture, not for ``torch.compile``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .small_m_linear import MAX_M, SUPPORTED_DTYPES, VECTOR_BYTES, SmallMConfig, _next_pow2, _sms_of, config_for
+
+PRO_NONE, PRO_RMS, PRO_GLU = 0, 1, 2
+
+
+@triton.jit
+def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
+                       PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    offs_m = tl.arange(0, M_PAD)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = (offs_m < M)[:, None, None]
+    dt = out_ptr.dtype.element_ty
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    rstd = tl.zeros([M_PAD, 1, 1], tl.float32)
+    if PROLOGUE == 1:
+        sq = tl.zeros([M_PAD, 1, BLOCK_K], tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            ok = m_ok & ((k0 + offs_k) < K)[None, None, :]
+            xv = tl.load(x_rows + (k0 + offs_k)[None, None, :], mask=ok, other=0.0).to(tl.float32)
+            sq += xv * xv
+        rstd = tl.rsqrt(tl.sum(sq, axis=2, keep_dims=True) / K + eps)
+    w_ptrs = w_ptr + offs_n[None, :, None] * stride_wn + offs_k[None, None, :]
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        k_ok = ((k0 + offs_k) < K)[None, None, :]
+        if EVEN_N and EVEN_K:
+            w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
+        else:
+            w = tl.load(w_ptrs + k0, mask=(offs_n < N)[None, :, None] & k_ok, other=0.0,
+                        eviction_policy="evict_first")
+        cols = (k0 + offs_k)[None, None, :]
+        if PROLOGUE == 2:
+            gate = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            up = tl.load(x_rows + K + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            x = (gate * tl.sigmoid(gate) * up).to(dt).to(tl.float32)
+        else:
+            x = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            if PROLOGUE == 1:
+                g = tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+                x = ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+        prod = x * w.to(tl.float32)
+        acc += tl.sum(tl.reshape(prod, [M_PAD, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
+    y = tl.sum(acc, axis=2).to(dt)
+    out_off = offs_m[:, None] * stride_om + offs_n[None, :]
+    ok2 = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if RESIDUAL:
+        r = tl.load(res_ptr + out_off, mask=ok2, other=0.0).to(tl.float32)
+        y = (y.to(tl.float32) + r).to(dt)
+    tl.store(out_ptr + out_off, y, mask=ok2)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _kernel_ok(x2: Tensor, weight: Tensor, cfg: SmallMConfig) -> bool:
+    return (x2.device.type == "cuda" and weight.device == x2.device and x2.dtype == weight.dtype
+            and x2.dtype in SUPPORTED_DTYPES and weight.is_contiguous() and 1 <= x2.shape[0] <= MAX_M
+            and cfg.mode == "fma" and cfg.split_k == 1
+            and not (torch.is_grad_enabled() and (x2.requires_grad or weight.requires_grad)))
+
+
+def _launch(x2: Tensor, weight: Tensor, k: int, prologue: int, g: Tensor | None, residual: Tensor | None,
+            eps: float, cfg: SmallMConfig) -> Tensor:
+    m, n = x2.shape[0], weight.shape[0]
+    x2 = x2.contiguous()
+    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    res = residual.reshape(m, n).contiguous() if residual is not None else out
+    _fused_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x2, g if g is not None else weight, weight, res, out, m, n, k, x2.stride(0), weight.stride(0),
+        out.stride(0), eps, PROLOGUE=prologue, RESIDUAL=residual is not None, M_PAD=_next_pow2(m),
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=min(cfg.block_k, VECTOR_BYTES // x2.element_size()),
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps)
+    return out
+
+
+def _config(x2: Tensor, weight: Tensor, cfg: SmallMConfig | None) -> SmallMConfig:
+    return cfg or config_for(x2.shape[0], weight.shape[0], weight.shape[1], weight.dtype, _sms_of(x2))
+
+
+def rms_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, cfg: SmallMConfig | None = None) -> Tensor:
+    """``F.linear(rms_norm(x, norm_weight, eps), weight)``: x (..., K), weight (N, K) -> (..., N)."""
+    x2 = _rows(x)
+    c = _config(x2, weight, cfg)
+    if not _kernel_ok(x2, weight, c) or norm_weight.dtype != x.dtype:
+        from ..models.t3.fused_decode import rms_norm
+
+        return F.linear(rms_norm(x, norm_weight, eps), weight)
+    out = _launch(x2, weight, x2.shape[1], PRO_RMS, norm_weight.contiguous(), None, eps, c)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def glu_linear(gate_up: Tensor, weight: Tensor, residual: Tensor, cfg: SmallMConfig | None = None) -> Tensor:
+    """``residual + F.linear(silu(gate) * up, weight)`` with ``gate, up = gate_up.chunk(2, -1)``."""
+    x2 = _rows(gate_up)
+    c = _config(x2, weight, cfg)
+    if not _kernel_ok(x2[:, :weight.shape[1]], weight, c) or residual.dtype != gate_up.dtype:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return residual + F.linear(F.silu(gate) * up, weight)
+    out = _launch(x2, weight, weight.shape[1], PRO_GLU, None, residual, 0.0, c)
+    return out.view(*gate_up.shape[:-1], weight.shape[0])
+
+
+def residual_linear(x: Tensor, weight: Tensor, residual: Tensor, cfg: SmallMConfig | None = None) -> Tensor:
+    """``residual + F.linear(x, weight)``."""
+    x2 = _rows(x)
+    c = _config(x2, weight, cfg)
+    if not _kernel_ok(x2, weight, c) or residual.dtype != x.dtype:
+        return residual + F.linear(x, weight)
+    out = _launch(x2, weight, x2.shape[1], PRO_NONE, None, residual, 0.0, c)
+    return out.view(*x.shape[:-1], weight.shape[0])
