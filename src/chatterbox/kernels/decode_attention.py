@@ -8,14 +8,17 @@ two kernels that read the raw q/k/v projection output:
 * ``_partial_kernel``, grid (B * H, splits): rotates q and the new k of its head (the rotary halves
   are handled as two D/2 vectors, as ``rotate_half``), walks its split of the cache window in
   ``block_l`` slots with an online softmax, and writes an fp32 partial (running max, sum, weighted
-  values). The slot at ``position`` takes the new key/value from registers, never from the cache,
+  values). The slot at ``position`` takes the new key/value from registers, not from the cache,
   and the program that owns that slot for the first head of each kv group writes the rotated key
   and the value into the cache, so no program depends on another's write.
 * ``_combine_kernel``, grid (B * H,): merges the splits in a fixed order (deterministic) and stores
   the head's output in the (B, H * D) layout the output projection reads.
 
-Splits after ``position`` return at once; ``position`` is read on the device, so one launch (or one
-CUDA-graph capture) serves every position of a cache window. Softmax statistics and the value sum
+``position`` is read on the device, so one launch (or one CUDA-graph capture) serves every position
+of a cache window. No load waits for it: every split loads its slots and masks the scores of slots
+after ``position`` (splits wholly after it contribute nothing), which keeps one DRAM round trip off
+the critical path; the slot at ``position`` may be read stale by another head's program, which
+replaces it from registers. Softmax statistics and the value sum
 are fp32; q and the rotated key are rounded to the activation dtype as the reference does.
 """
 from __future__ import annotations
@@ -28,13 +31,15 @@ import triton.language as tl
 from torch import Tensor
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Running-max start: finite, so a split with no live slot keeps alpha = exp(0) and p = 0 (no NaN).
+_NO_SCORE = tl.constexpr(-1.0e30)
 
 
 @dataclass(frozen=True)
 class DecodeAttentionConfig:
     """split_len: cache slots per program (a multiple of block_l); block_l: slots per inner tile."""
 
-    split_len: int = 64
+    split_len: int = 32
     block_l: int = 32
     num_warps: int = 2
 
@@ -63,12 +68,8 @@ def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, sta
     lo = split * SPLIT_LEN
     stat = stat_ptr + (bh * SPLITS + split) * 2
     out = part_ptr + (bh * SPLITS + split) * (2 * HALF)
-    if lo > pos:
-        tl.store(stat + tl.arange(0, 1), tl.full([1], float("-inf"), tl.float32))
-        tl.store(stat + 1 + tl.arange(0, 1), tl.zeros([1], tl.float32))
-    else:
-        _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
-                      s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L)
+    _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
+                  s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L)
 
 
 @triton.jit
@@ -95,12 +96,12 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
     v2n = tl.load(v_row + HALF + d).to(dt)
     k_base = cache_ptr + b * s_cb + kvh * s_ch
     v_base = k_base + s_c2
-    if (pos < lo + SPLIT_LEN) & (h % (H // KVH) == 0):
+    if (pos >= lo) & (pos < lo + SPLIT_LEN) & (h % (H // KVH) == 0):
         tl.store(k_base + pos * s_cl + d, k1n)
         tl.store(k_base + pos * s_cl + HALF + d, k2n)
         tl.store(v_base + pos * s_cl + d, v1n)
         tl.store(v_base + pos * s_cl + HALF + d, v2n)
-    m = tl.full([1], float("-inf"), tl.float32)
+    m = tl.full([1], _NO_SCORE, tl.float32)
     l_sum = tl.zeros([1], tl.float32)
     acc1 = tl.zeros([HALF], tl.float32)
     acc2 = tl.zeros([HALF], tl.float32)
@@ -109,9 +110,9 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
         live = slots <= pos
         is_new = (slots == pos)[:, None]
         rows = slots[:, None] * s_cl + d[None, :]
-        ok = live[:, None] & (slots[:, None] < L)
-        kb1 = tl.load(k_base + rows, mask=ok & ~is_new, other=0.0).to(tl.float32)
-        kb2 = tl.load(k_base + rows + HALF, mask=ok & ~is_new, other=0.0).to(tl.float32)
+        ok = (slots < L)[:, None]
+        kb1 = tl.load(k_base + rows, mask=ok, other=0.0).to(tl.float32)
+        kb2 = tl.load(k_base + rows + HALF, mask=ok, other=0.0).to(tl.float32)
         kb1 = tl.where(is_new, k1n.to(tl.float32)[None, :], kb1)
         kb2 = tl.where(is_new, k2n.to(tl.float32)[None, :], kb2)
         s = tl.sum(kb1 * q1r[None, :], axis=1) + tl.sum(kb2 * q2r[None, :], axis=1)
@@ -119,8 +120,8 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
         m_new = tl.maximum(m, tl.max(s, axis=0))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new)
-        vb1 = tl.load(v_base + rows, mask=ok & ~is_new, other=0.0).to(tl.float32)
-        vb2 = tl.load(v_base + rows + HALF, mask=ok & ~is_new, other=0.0).to(tl.float32)
+        vb1 = tl.load(v_base + rows, mask=ok, other=0.0).to(tl.float32)
+        vb2 = tl.load(v_base + rows + HALF, mask=ok, other=0.0).to(tl.float32)
         vb1 = tl.where(is_new, v1n.to(tl.float32)[None, :], vb1)
         vb2 = tl.where(is_new, v2n.to(tl.float32)[None, :], vb2)
         l_sum = l_sum * alpha + tl.sum(p, axis=0)

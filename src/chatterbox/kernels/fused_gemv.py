@@ -6,9 +6,10 @@ q/k/v and gate/up, SiLU(gate) * up before down, the residual add after o and dow
 a launch of its own (~1-1.5 us on an H100, 30 layers, every token). Here they run inside the GEMV
 (the same weight-streaming fma loop as ``small_m_linear``, same tile configs):
 
-* ``rms_linear(x, g, w, eps)``  = ``F.linear(rms_norm(x, g, eps), w)``: a first pass over the row
-  sums x^2 (the row is a few KiB, L2 resident), the main loop normalises each tile in fp32, rounds
-  it to the activation dtype, and scales by g rounded again, as ``fused_decode.rms_norm`` does;
+* ``rms_linear(x, g, w, eps)``  = ``F.linear(rms_norm(x, g, eps), w)``, computed as
+  ``rsqrt(mean(x^2) + eps) * ((x * g) @ w.T)``: the sum of squares accumulates in the same pass as
+  the products, so the row is read once, and the normalised input is not rounded to the activation
+  dtype on the way (the unfused norm rounds it twice), a difference of the order of that rounding;
 * ``glu_linear(gu, w, residual)`` = ``residual + F.linear(silu(gate) * up, w)`` with gate/up the two
   halves of ``gu`` (the packed gate_up output);
 * ``residual_linear(x, w, residual)`` = ``residual + F.linear(x, w)``.
@@ -43,14 +44,7 @@ def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.conste
     m_ok = (offs_m < M)[:, None, None]
     dt = out_ptr.dtype.element_ty
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
-    rstd = tl.zeros([M_PAD, 1, 1], tl.float32)
-    if PROLOGUE == 1:
-        sq = tl.zeros([M_PAD, 1, BLOCK_K], tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            ok = m_ok & ((k0 + offs_k) < K)[None, None, :]
-            xv = tl.load(x_rows + (k0 + offs_k)[None, None, :], mask=ok, other=0.0).to(tl.float32)
-            sq += xv * xv
-        rstd = tl.rsqrt(tl.sum(sq, axis=2, keep_dims=True) / K + eps)
+    sq = tl.zeros([M_PAD, 1, BLOCK_K], tl.float32)
     w_ptrs = w_ptr + offs_n[None, :, None] * stride_wn + offs_k[None, None, :]
     acc = tl.zeros([M_PAD, BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
@@ -68,11 +62,14 @@ def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.conste
         else:
             x = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
             if PROLOGUE == 1:
-                g = tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
-                x = ((x * rstd).to(dt).to(tl.float32) * g).to(dt).to(tl.float32)
+                sq += x * x
+                x = x * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
         prod = x * w.to(tl.float32)
         acc += tl.sum(tl.reshape(prod, [M_PAD, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
-    y = tl.sum(acc, axis=2).to(dt)
+    y = tl.sum(acc, axis=2)
+    if PROLOGUE == 1:
+        y = y * tl.rsqrt(tl.sum(sq, axis=2) / K + eps)
+    y = y.to(dt)
     out_off = offs_m[:, None] * stride_om + offs_n[None, :]
     ok2 = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if RESIDUAL:
