@@ -6,7 +6,7 @@ T3's shape (CFG batch 2, 16 heads of 64, bf16). Each measurement captures ``--ca
 CUDA graph over ``--layers`` distinct cache tensors (so the caches are not all L2-resident, as in
 a 30-layer decode) and reports the median microseconds per call over ``--reps`` replays. The
 position is the last slot of the window (every slot attended). ``--sweep`` also times other
-(split_len, block_l, num_warps) configs.
+(split_len, block_l, num_warps, single_pass_max_len) configs.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ import torch
 from .ab import environment
 
 log = logging.getLogger("eval.bench_decode_attention")
-SWEEP = [(32, 32, 2), (64, 32, 2), (64, 64, 4), (128, 32, 2), (128, 64, 4), (256, 64, 4)]
+SWEEP = [(32, 32, 2, 0), (32, 16, 1, 0), (64, 32, 2, 0), (64, 64, 4, 0), (32, 32, 2, 4096), (32, 32, 4, 4096),
+         (32, 64, 4, 4096), (32, 16, 2, 4096)]
 
 
 def time_graph(fn, calls: int, reps: int) -> float:
@@ -76,11 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             configs = [DEFAULT_CONFIG] + ([DecodeAttentionConfig(*c) for c in SWEEP] if args.sweep else [])
             row["kernel_us"] = {}
             for cfg in configs:
-                key = f"{cfg.split_len}/{cfg.block_l}/{cfg.num_warps}"
+                key = f"{cfg.split_len}/{cfg.block_l}/{cfg.num_warps}/{cfg.single_pass_max_len}"
                 row["kernel_us"][key] = time_graph(
                     lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads, c),
                     args.calls, args.reps)
-            default = f"{DEFAULT_CONFIG.split_len}/{DEFAULT_CONFIG.block_l}/{DEFAULT_CONFIG.num_warps}"
+            dc = DEFAULT_CONFIG
+            default = f"{dc.split_len}/{dc.block_l}/{dc.num_warps}/{dc.single_pass_max_len}"
             row["speedup_default"] = row["reference_us"] / row["kernel_us"][default]
             res["rows"].append(row)
             best = min(row["kernel_us"], key=row["kernel_us"].get)

@@ -30,7 +30,7 @@ def tensor_bytes(module: torch.nn.Module, device: torch.device) -> dict:
     out = {"params": 0, "buffers": 0}
     for kind, tensors in (("params", module.parameters()), ("buffers", module.buffers())):
         for t in tensors:
-            if t.device != device:
+            if t.device.type != device.type:
                 continue
             storage = t.untyped_storage()
             key = storage.data_ptr()
@@ -48,6 +48,22 @@ def component_bytes(tts, device: torch.device) -> dict:
     out = {name: tensor_bytes(m, device) for name, m in parts.items()}
     out["all_modules"] = tensor_bytes(torch.nn.ModuleList([tts.t3, tts.ve, s3]), device)
     return {k: {a: b / 1e9 for a, b in v.items()} for k, v in out.items()}
+
+
+def live_blocks_by_owner(top: int = 25) -> list[dict]:
+    """Live CUDA allocations grouped by the innermost two chatterbox frames of the call that made
+    them (needs ``torch.cuda.memory._record_memory_history`` before the allocations)."""
+    owners: dict[str, int] = {}
+    for seg in torch.cuda.memory._snapshot().get("segments", []):
+        for block in seg.get("blocks", []):
+            if block.get("state") != "active_allocated":
+                continue
+            frames = [f for f in block.get("frames", []) if "/chatterbox/" in f.get("filename", "")]
+            label = " < ".join(f"{f['filename'].split('/chatterbox/')[-1]}:{f['line']} {f['name']}"
+                               for f in frames[:2]) or "(no chatterbox frame)"
+            owners[label] = owners.get(label, 0) + block.get("size", 0)
+    ranked = sorted(owners.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return [{"owner": k, "gb": v / 1e9} for k, v in ranked]
 
 
 def snapshot(device: torch.device) -> dict:
@@ -75,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default="fast")
     ap.add_argument("--tokens", type=int, default=250)
     ap.add_argument("--chunk-size", type=int, default=25)
+    ap.add_argument("--trace", action="store_true", help="record allocation stacks; report live blocks by owner")
     ap.add_argument("--commit", default=None)
     ap.add_argument("--out", default=str(ROOT / "eval" / "results" / "memory"))
     args = ap.parse_args(argv)
@@ -88,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"schema": "chatterbox-fast/memory/1", "environment": environment(device, args.commit),
                  "config": args.config, "tokens": args.tokens, "chunk_size": args.chunk_size,
                  "phases": {}, "phase_peak_gb": {}}
+    if args.trace:
+        torch.cuda.memory._record_memory_history(max_entries=200000, stacks="python")
     tts = ChatterboxTTS.from_synthetic(device, opt=resolve_config(args.config))
     torch.cuda.synchronize(device)
     res["phases"]["loaded"] = snapshot(device)
@@ -116,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         res["phase_peak_gb"][name] = {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
                                       "above_start_gb": (torch.cuda.max_memory_allocated(device) - base) / 1e9}
     res["t3_kv_cache_gb"] = kv_cache_gb(tts)
+    if args.trace:
+        res["live_by_owner"] = live_blocks_by_owner()
+        for row in res["live_by_owner"]:
+            log.info("live %.4f GB  %s", row["gb"], row["owner"])
     res["peak_gb"] = max(v["peak_gb"] for v in res["phase_peak_gb"].values())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ CPU (CI): the two kernels run under the Triton interpreter in a subprocess (TRIT
 be set before triton is imported) against ``reference_decode_attention`` (rotary, ``index_copy_``,
 masked SDPA in plain torch), in float32 and bfloat16, for: the first slot, a position inside the
 first split, on a split boundary, in the last slot of the window, a window that is not a multiple of
-the split length, grouped kv heads (H = 2 * KVH), and a CFG batch of 2. Both the output and the
+the split length, grouped kv heads (H = 2 * KVH), a CFG batch of 2, and single-pass windows (one
+split per head, no combine kernel). Both the output and the
 whole cache after the call are compared: the kernel must write the rotated key and the value at
 ``position`` and nothing else. GPU-marked tests repeat the T3 shape at full window sizes.
 
@@ -29,15 +30,17 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 CACHE_TOL = {"float32": 0.0, "bfloat16": 1e-2}
 
-# name -> (batch, heads, kv_heads, head_dim, window, position, split_len, block_l)
+# name -> (batch, heads, kv_heads, head_dim, window, position, split_len, block_l, single_pass_max_len)
 CASES = {
-    "first_slot": (2, 4, 4, 16, 64, 0, 32, 16),
-    "inside_first_split": (2, 4, 4, 16, 64, 9, 32, 16),
-    "split_boundary": (1, 2, 2, 16, 64, 32, 32, 16),
-    "last_slot": (2, 2, 2, 16, 64, 63, 32, 16),
-    "ragged_window": (1, 2, 2, 16, 80, 70, 32, 16),
-    "grouped_kv": (2, 4, 2, 16, 64, 40, 32, 16),
-    "t3_heads": (2, 16, 16, 64, 128, 77, 64, 32),
+    "first_slot": (2, 4, 4, 16, 64, 0, 32, 16, 0),
+    "inside_first_split": (2, 4, 4, 16, 64, 9, 32, 16, 0),
+    "split_boundary": (1, 2, 2, 16, 64, 32, 32, 16, 0),
+    "last_slot": (2, 2, 2, 16, 64, 63, 32, 16, 0),
+    "ragged_window": (1, 2, 2, 16, 80, 70, 32, 16, 0),
+    "grouped_kv": (2, 4, 2, 16, 64, 40, 32, 16, 0),
+    "t3_heads": (2, 16, 16, 64, 128, 77, 64, 32, 0),
+    "single_pass": (2, 4, 2, 16, 80, 50, 32, 16, 128),
+    "single_pass_first_slot": (1, 2, 2, 16, 64, 0, 32, 32, 64),
 }
 
 CHECK = textwrap.dedent("""
@@ -50,7 +53,7 @@ CHECK = textwrap.dedent("""
         return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
 
     out = {}
-    for name, (b, h, kvh, d, window, pos, split_len, block_l) in json.loads(sys.argv[1]).items():
+    for name, (b, h, kvh, d, window, pos, split_len, block_l, single) in json.loads(sys.argv[1]).items():
         for dtype in (torch.float32, torch.bfloat16):
             g = torch.Generator().manual_seed(len(name))
             qkv = torch.randn(b, h + 2 * kvh, d, generator=g).to(dtype)
@@ -63,7 +66,8 @@ CHECK = textwrap.dedent("""
             ref = reference_decode_attention(qkv.float(), cos.float(), sin.float(), c_ref, position, h, kvh)
             c_ker = cache.clone()
             got = decode_attention(qkv, cos, sin, c_ker, position, h, kvh,
-                                   DecodeAttentionConfig(split_len=split_len, block_l=block_l))
+                                   DecodeAttentionConfig(split_len=split_len, block_l=block_l,
+                                                         single_pass_max_len=single))
             untouched = torch.ones(window, dtype=torch.bool)
             untouched[pos] = False
             out[f"{name}/{str(dtype).split('.')[-1]}"] = {

@@ -37,13 +37,17 @@ _NO_SCORE = tl.constexpr(-1.0e30)
 
 @dataclass(frozen=True)
 class DecodeAttentionConfig:
-    """split_len: cache slots per program (a multiple of block_l); block_l: slots per inner tile."""
+    """split_len: cache slots per program (a multiple of block_l); block_l: slots per inner tile;
+    single_pass_max_len: windows up to this many slots run as one split per head (no combine kernel)."""
 
     split_len: int = 32
     block_l: int = 32
     num_warps: int = 2
+    single_pass_max_len: int = 0
 
     def __post_init__(self) -> None:
+        if self.single_pass_max_len < 0:
+            raise ValueError("single_pass_max_len must be >= 0")
         for name in ("split_len", "block_l", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -56,7 +60,7 @@ DEFAULT_CONFIG = DecodeAttentionConfig()
 
 
 @triton.jit
-def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, stat_ptr,
+def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, stat_ptr, final_ptr, s_ob,
                     L, sm_scale, s_qb, s_qh, s_c2, s_cb, s_ch, s_cl,
                     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr,
                     SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr):
@@ -68,14 +72,16 @@ def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, sta
     lo = split * SPLIT_LEN
     stat = stat_ptr + (bh * SPLITS + split) * 2
     out = part_ptr + (bh * SPLITS + split) * (2 * HALF)
+    if SPLITS == 1:  # one split holds the window: normalise and write the head's output here
+        out = final_ptr + b * s_ob + h * (2 * HALF)
     _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
-                  s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L)
+                  s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L, SPLITS == 1)
 
 
 @triton.jit
 def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
                   s_c2, s_cb, s_ch, s_cl, H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr,
-                  SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr):
+                  SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
     d = tl.arange(0, HALF)
     kvh = h // (H // KVH)
     dt = cache_ptr.dtype.element_ty
@@ -128,10 +134,15 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
         acc1 = acc1 * alpha + tl.sum(p[:, None] * vb1, axis=0)
         acc2 = acc2 * alpha + tl.sum(p[:, None] * vb2, axis=0)
         m = m_new
-    tl.store(stat + tl.arange(0, 1), m)
-    tl.store(stat + 1 + tl.arange(0, 1), l_sum)
-    tl.store(out + d, acc1)
-    tl.store(out + HALF + d, acc2)
+    if FINAL:
+        ty = out.dtype.element_ty
+        tl.store(out + d, (acc1 / l_sum).to(ty))
+        tl.store(out + HALF + d, (acc2 / l_sum).to(ty))
+    else:
+        tl.store(stat + tl.arange(0, 1), m)
+        tl.store(stat + 1 + tl.arange(0, 1), l_sum)
+        tl.store(out + d, acc1)
+        tl.store(out + HALF + d, acc2)
 
 
 @triton.jit
@@ -188,17 +199,21 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, po
     _check(qkv, cos, sin, layer_kv, position, num_heads, num_kv_heads)
     b, _, d = qkv.shape
     length = layer_kv.shape[3]
-    splits = triton.cdiv(length, cfg.split_len)
+    split_len = cfg.split_len
+    if length <= cfg.single_pass_max_len:
+        split_len = cfg.block_l * triton.cdiv(length, cfg.block_l)
+    splits = triton.cdiv(length, split_len)
     part = torch.empty((b * num_heads, splits, d), dtype=torch.float32, device=qkv.device)
     stat = torch.empty((b * num_heads, splits, 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device)
     _partial_kernel[(b * num_heads, splits)](
-        qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, length, d ** -0.5,
+        qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, out, out.stride(0), length, d ** -0.5,
         qkv.stride(0), qkv.stride(1), layer_kv.stride(0), layer_kv.stride(1), layer_kv.stride(2), layer_kv.stride(3),
-        H=num_heads, KVH=num_kv_heads, HALF=d // 2, SPLITS=splits, SPLIT_LEN=cfg.split_len, BLOCK_L=cfg.block_l,
+        H=num_heads, KVH=num_kv_heads, HALF=d // 2, SPLITS=splits, SPLIT_LEN=split_len, BLOCK_L=cfg.block_l,
         num_warps=cfg.num_warps)
-    _combine_kernel[(b * num_heads,)](part, stat, out, out.stride(0), H=num_heads, HEAD_DIM=d, SPLITS=splits,
-                                      SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1)
+    if splits > 1:
+        _combine_kernel[(b * num_heads,)](part, stat, out, out.stride(0), H=num_heads, HEAD_DIM=d, SPLITS=splits,
+                                          SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1)
     return out
 
 

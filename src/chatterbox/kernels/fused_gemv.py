@@ -34,9 +34,17 @@ PRO_NONE, PRO_RMS, PRO_GLU = 0, 1, 2
 
 
 @triton.jit
+def _load_x(ptrs, mask, UNMASKED: tl.constexpr):
+    if UNMASKED:
+        return tl.load(ptrs).to(tl.float32)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
                        PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+                       BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                       EVEN_M: tl.constexpr):
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, M_PAD)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -56,14 +64,14 @@ def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.conste
                         eviction_policy="evict_first")
         cols = (k0 + offs_k)[None, None, :]
         if PROLOGUE == 2:
-            gate = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            gate = _load_x(x_rows + cols, m_ok & k_ok, EVEN_M and EVEN_K)
+            up = _load_x(x_rows + K + cols, m_ok & k_ok, EVEN_M and EVEN_K)
             x = (gate * tl.sigmoid(gate) * up).to(dt).to(tl.float32)
         else:
-            x = tl.load(x_rows + cols, mask=m_ok & k_ok, other=0.0).to(tl.float32)
+            x = _load_x(x_rows + cols, m_ok & k_ok, EVEN_M and EVEN_K)
             if PROLOGUE == 1:
                 sq += x * x
-                x = x * tl.load(g_ptr + cols, mask=k_ok, other=0.0).to(tl.float32)
+                x = x * _load_x(g_ptr + cols, k_ok, EVEN_K)
         prod = x * w.to(tl.float32)
         acc += tl.sum(tl.reshape(prod, [M_PAD, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
     y = tl.sum(acc, axis=2)
@@ -99,7 +107,8 @@ def _launch(x2: Tensor, weight: Tensor, k: int, prologue: int, g: Tensor | None,
         x2, g if g is not None else weight, weight, res, out, m, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), eps, PROLOGUE=prologue, RESIDUAL=residual is not None, M_PAD=_next_pow2(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=min(cfg.block_k, VECTOR_BYTES // x2.element_size()),
-        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, num_warps=cfg.num_warps)
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, EVEN_M=m == _next_pow2(m),
+        num_warps=cfg.num_warps)
     return out
 
 
