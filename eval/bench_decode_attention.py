@@ -22,7 +22,7 @@ from .ab import environment
 
 log = logging.getLogger("eval.bench_decode_attention")
 SWEEP = [(32, 32, 2, 0), (32, 16, 1, 0), (64, 32, 2, 0), (64, 64, 4, 0), (32, 32, 2, 4096), (32, 32, 4, 4096),
-         (32, 64, 4, 4096), (32, 16, 2, 4096)]
+         (64, 64, 4, 4096), (32, 16, 2, 4096)]
 
 
 def time_graph(fn, calls: int, reps: int) -> float:

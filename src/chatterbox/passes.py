@@ -238,8 +238,8 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
                 and state.opt.t3_decode_attention == opt.t3_decode_attention
                 and state.opt.t3_gemv_fusion == opt.t3_gemv_fusion
                 and state.t3_decoder.enabled == graphed):
-            fused = (_fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv, opt.t3_decode_attention)
-                     .with_gemv_fusion(opt.t3_gemv_fusion) if opt.t3_fused_decode else None)
+            fused = (_fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv, opt.t3_decode_attention,
+                                    opt.t3_gemv_fusion) if opt.t3_fused_decode else None)
             state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed)
     else:
         state.t3_decoder = None
@@ -254,7 +254,7 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
 
 
 def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv: bool = False,
-                   decode_attention: bool = False):
+                   decode_attention: bool = False, gemv_fusion: bool = False):
     """Pack T3's backbone for the fused decode; compile its two per-layer kernels when asked (CUDA).
 
     Inside a CUDA-graphed step the compiled code must not capture graphs of its own, so the modes
@@ -263,7 +263,7 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv:
     from .models.t3.fused_decode import FusedDecoder, attention_inputs, attention_outputs, rms_norm
 
     with torch.inference_mode(False), torch.no_grad():
-        fused = FusedDecoder.pack(t3.tfmr)
+        fused = FusedDecoder.pack(t3.tfmr, interleave_gate_up=gemv_fusion).with_gemv_fusion(gemv_fusion)
     if gemv:
         if fused.final_norm.device.type == "cuda":
             from .kernels.small_m_linear import small_m_linear

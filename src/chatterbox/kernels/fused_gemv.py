@@ -12,7 +12,9 @@ a launch of its own (~1-1.5 us on an H100, 30 layers, every token). Here they ru
   dtype on the way (the unfused norm rounds it twice), a difference of the order of that rounding;
 * ``glu_linear(gu, w, residual)`` = ``residual + F.linear(silu(gate) * up, w)`` with gate/up the two
   halves of ``gu`` (the packed gate_up output);
-* ``residual_linear(x, w, residual)`` = ``residual + F.linear(x, w)``.
+* ``residual_linear(x, w, residual)`` = ``residual + F.linear(x, w)``;
+* ``rms_glu_linear(x, g, w_interleaved, eps)`` = ``silu(gate) * up`` of ``rms_linear`` on gate/up
+  weights whose rows interleave (``interleave_rows``), the activation as the GEMV's epilogue.
 
 The GEMV result is rounded to the activation dtype before the residual is added (as the unfused
 code adds two rounded tensors); the add is fp32, rounded once. Off CUDA, for M > 8, split-K configs
@@ -44,7 +46,7 @@ def _load_x(ptrs, mask, UNMASKED: tl.constexpr):
 def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
                        PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
-                       EVEN_M: tl.constexpr):
+                       EVEN_M: tl.constexpr, GLU_OUT: tl.constexpr):
     pid_n = tl.program_id(0)
     offs_m = tl.arange(0, M_PAD)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,6 +80,11 @@ def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.conste
     if PROLOGUE == 1:
         y = y * tl.rsqrt(tl.sum(sq, axis=2) / K + eps)
     y = y.to(dt)
+    if GLU_OUT:  # rows of w interleave gate and up: column pairs (2j, 2j + 1) -> silu(gate_j) * up_j
+        gate, up = tl.split(tl.reshape(y.to(tl.float32), [M_PAD, BLOCK_N // 2, 2]))
+        y = (gate * tl.sigmoid(gate) * up).to(dt)
+        offs_n = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        N = N // 2
     out_off = offs_m[:, None] * stride_om + offs_n[None, :]
     ok2 = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if RESIDUAL:
@@ -98,16 +105,16 @@ def _kernel_ok(x2: Tensor, weight: Tensor, cfg: SmallMConfig) -> bool:
 
 
 def _launch(x2: Tensor, weight: Tensor, k: int, prologue: int, g: Tensor | None, residual: Tensor | None,
-            eps: float, cfg: SmallMConfig) -> Tensor:
+            eps: float, cfg: SmallMConfig, glu_out: bool = False) -> Tensor:
     m, n = x2.shape[0], weight.shape[0]
     x2 = x2.contiguous()
-    out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((m, n // 2 if glu_out else n), dtype=x2.dtype, device=x2.device)
     res = residual.reshape(m, n).contiguous() if residual is not None else out
     _fused_gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
         x2, g if g is not None else weight, weight, res, out, m, n, k, x2.stride(0), weight.stride(0),
         out.stride(0), eps, PROLOGUE=prologue, RESIDUAL=residual is not None, M_PAD=_next_pow2(m),
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, VEC=min(cfg.block_k, VECTOR_BYTES // x2.element_size()),
-        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, EVEN_M=m == _next_pow2(m),
+        EVEN_K=k % cfg.block_k == 0, EVEN_N=n % cfg.block_n == 0, EVEN_M=m == _next_pow2(m), GLU_OUT=glu_out,
         num_warps=cfg.num_warps)
     return out
 
@@ -126,6 +133,29 @@ def rms_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, cfg: 
         return F.linear(rms_norm(x, norm_weight, eps), weight)
     out = _launch(x2, weight, x2.shape[1], PRO_RMS, norm_weight.contiguous(), None, eps, c)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def interleave_rows(gate: Tensor, up: Tensor) -> Tensor:
+    """(I, K) gate and up weights -> (2I, K) with rows gate_0, up_0, gate_1, up_1, ... (``rms_glu_linear``'s layout)."""
+    return torch.stack((gate, up), dim=1).reshape(-1, gate.shape[1])
+
+
+def rms_glu_linear(x: Tensor, norm_weight: Tensor, gate_up: Tensor, eps: float,
+                   cfg: SmallMConfig | None = None) -> Tensor:
+    """``silu(gate) * up`` of ``F.linear(rms_norm(x, norm_weight, eps), W)`` for W = ``gate_up`` with
+    interleaved rows (``interleave_rows``): x (..., K) -> (..., I). The pair of a gate and an up row
+    is in one program, so the activation is the GEMV's epilogue and the (..., 2I) product is never
+    stored; gate and up are rounded to the activation dtype first, as the unfused code stores them."""
+    x2 = _rows(x)
+    c = _config(x2, gate_up, cfg)
+    if not _kernel_ok(x2, gate_up, c) or norm_weight.dtype != x.dtype or c.block_n % 2:
+        from ..models.t3.fused_decode import rms_norm
+
+        both = F.linear(rms_norm(x, norm_weight, eps), gate_up)
+        gate, up = both[..., 0::2], both[..., 1::2]
+        return F.silu(gate) * up
+    out = _launch(x2, gate_up, x2.shape[1], PRO_RMS, norm_weight.contiguous(), None, eps, c, glu_out=True)
+    return out.view(*x.shape[:-1], gate_up.shape[0] // 2)
 
 
 def glu_linear(gate_up: Tensor, weight: Tensor, residual: Tensor, cfg: SmallMConfig | None = None) -> Tensor:

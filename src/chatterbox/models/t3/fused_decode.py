@@ -52,8 +52,19 @@ def _pack_rows(linears) -> Tensor:
     return packed
 
 
-def pack_layers(model: LlamaModel) -> tuple[PackedLayer, ...]:
-    """Pack every layer's projections (see the module docstring; the module's parameters become views)."""
+def _pack_interleaved(gate: torch.nn.Linear, up: torch.nn.Linear) -> Tensor:
+    packed = torch.stack((gate.weight.detach(), up.weight.detach()), dim=1).reshape(-1, gate.weight.shape[1])
+    gate.weight.data = packed[0::2]
+    up.weight.data = packed[1::2]
+    return packed
+
+
+def pack_layers(model: LlamaModel, interleave_gate_up: bool = False) -> tuple[PackedLayer, ...]:
+    """Pack every layer's projections (see the module docstring; the module's parameters become views).
+
+    ``interleave_gate_up``: gate/up rows alternate (gate_0, up_0, gate_1, ...) as
+    ``kernels.fused_gemv.rms_glu_linear`` reads them; the gate and up parameters become row-strided views.
+    """
     layers = []
     with torch.no_grad():
         for layer in model.layers:
@@ -63,7 +74,8 @@ def pack_layers(model: LlamaModel) -> tuple[PackedLayer, ...]:
                 qkv=_pack_rows((att.q_proj, att.k_proj, att.v_proj)),
                 o=att.o_proj.weight.detach(),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=_pack_rows((mlp.gate_proj, mlp.up_proj)),
+                gate_up=(_pack_interleaved(mlp.gate_proj, mlp.up_proj) if interleave_gate_up
+                         else _pack_rows((mlp.gate_proj, mlp.up_proj))),
                 down=mlp.down_proj.weight.detach(),
             ))
     return tuple(layers)
@@ -157,12 +169,14 @@ class FusedDecoder:
     # Norms, SiLU gate and residual adds inside the projections (kernels/fused_gemv.py): five
     # launches a layer plus attention's. Uses ``attend_fn`` (or its torch reference when None).
     gemv_fusion: bool = False
+    # gate/up rows interleaved (pack(..., interleave_gate_up=True)): only the gemv_fusion path reads them.
+    gate_up_interleaved: bool = False
 
     @classmethod
-    def pack(cls, model: LlamaModel) -> "FusedDecoder":
+    def pack(cls, model: LlamaModel, interleave_gate_up: bool = False) -> "FusedDecoder":
         device = model.norm.weight.device
-        return cls(cfg=model.cfg, layers=pack_layers(model), final_norm=model.norm.weight.detach(),
-                   inv_freq=rope_inv_freq(model.cfg, device))
+        return cls(cfg=model.cfg, layers=pack_layers(model, interleave_gate_up), final_norm=model.norm.weight.detach(),
+                   inv_freq=rope_inv_freq(model.cfg, device), gate_up_interleaved=interleave_gate_up)
 
     def with_linear(self, linear_fn: Callable) -> "FusedDecoder":
         return replace(self, linear_fn=linear_fn)
@@ -198,6 +212,8 @@ class FusedDecoder:
         cos, sin = self.rope(position, embeds.dtype)
         if self.gemv_fusion:
             return self._decode_fused_gemv(embeds, position, kv, cos[0], sin[0])
+        if self.gate_up_interleaved:
+            raise ValueError("interleaved gate/up weights are read by the gemv_fusion decode only")
         if self.attend_fn is None:
             slots = torch.arange(kv.shape[4], device=embeds.device)
             # Additive float mask built once per token (a bool mask would be converted in every layer).
@@ -232,7 +248,7 @@ class FusedDecoder:
 
     def _decode_fused_gemv(self, embeds: Tensor, position: Tensor, kv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         from ...kernels.decode_attention import reference_decode_attention
-        from ...kernels.fused_gemv import glu_linear, residual_linear, rms_linear
+        from ...kernels.fused_gemv import glu_linear, residual_linear, rms_glu_linear, rms_linear
 
         cfg = self.cfg
         attend = self.attend_fn or reference_decode_attention
@@ -242,5 +258,8 @@ class FusedDecoder:
             qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
             attn = attend(qkv, cos, sin, kv[i], position, cfg.num_heads, cfg.num_kv_heads).view(b, 1, -1)
             h = residual_linear(attn, w.o, x)
-            x = glu_linear(rms_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
+            if self.gate_up_interleaved:
+                x = residual_linear(rms_glu_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
+            else:
+                x = glu_linear(rms_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
         return self.norm_fn(x, self.final_norm, eps)
