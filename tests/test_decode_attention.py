@@ -7,7 +7,8 @@ first split, on a split boundary, in the last slot of the window, a window that 
 the split length, grouped kv heads (H = 2 * KVH), a CFG batch of 2, and single-pass windows (one
 split per head, no combine kernel). Both the output and the
 whole cache after the call are compared: the kernel must write the rotated key and the value at
-``position`` and nothing else. GPU-marked tests repeat the T3 shape at full window sizes.
+``position`` and nothing else; the merge done by the last split program (atomic counters) must
+equal the separate combine kernel bit for bit. GPU-marked tests repeat the T3 shape at full window sizes.
 
 Tolerances, max|out - ref| / max|ref|: float32 1e-5 (fp32 softmax either way), bfloat16 2e-2 (the
 reference's SDPA rounds q k^T and the probabilities through bf16, the kernel keeps them fp32). The
@@ -65,9 +66,11 @@ CHECK = textwrap.dedent("""
             c_ref = cache.float()
             ref = reference_decode_attention(qkv.float(), cos.float(), sin.float(), c_ref, position, h, kvh)
             c_ker = cache.clone()
-            got = decode_attention(qkv, cos, sin, c_ker, position, h, kvh,
-                                   DecodeAttentionConfig(split_len=split_len, block_l=block_l,
-                                                         single_pass_max_len=single))
+            cfg = DecodeAttentionConfig(split_len=split_len, block_l=block_l, single_pass_max_len=single)
+            got = decode_attention(qkv, cos, sin, c_ker, position, h, kvh, cfg=cfg)
+            c_merged = cache.clone()
+            counters = torch.zeros(b * h, dtype=torch.int32)
+            merged = decode_attention(qkv, cos, sin, c_merged, position, h, kvh, counters, cfg=cfg)
             untouched = torch.ones(window, dtype=torch.bool)
             untouched[pos] = False
             out[f"{name}/{str(dtype).split('.')[-1]}"] = {
@@ -75,6 +78,7 @@ CHECK = textwrap.dedent("""
                 "cache_pos": rel(c_ker[:, :, :, pos].float(), c_ref[:, :, :, pos].float()),
                 "cache_rest_equal": bool(torch.equal(c_ker[:, :, :, untouched], cache[:, :, :, untouched])),
                 "shape_ok": tuple(got.shape) == (b, h * d) and got.dtype == dtype,
+                "merged_in_kernel_equal": bool(torch.equal(merged, got) and torch.equal(c_merged, c_ker)),
             }
     print(json.dumps(out))
 """)
@@ -98,6 +102,7 @@ def test_interpreted_matches_reference(interpreted, name, dtype):
     assert got["out"] <= TOL[dtype], got
     assert got["cache_pos"] <= CACHE_TOL[dtype], got
     assert got["cache_rest_equal"], "the kernel wrote cache slots other than position"
+    assert got["merged_in_kernel_equal"], "merging in the last split program changed the result"
 
 
 def test_rejects_bad_shapes():
@@ -130,6 +135,11 @@ def test_gpu_t3_shape(window, pos):
     ref = reference_decode_attention(qkv.float(), cos.float(), sin.float(), cache.float(), position, 16, 16)
     got = decode_attention(qkv, cos, sin, c_ker, position, 16, 16)
     assert float((got.float() - ref).abs().max() / ref.abs().max()) <= TOL["bfloat16"]
+    for _ in range(3):  # the in-kernel merge (atomic counters) is deterministic and equals the combine kernel
+        c_merged = cache.clone()
+        merged = decode_attention(qkv, cos, sin, c_merged, position, 16, 16,
+                                  torch.zeros(32, dtype=torch.int32, device="cuda"))
+        assert torch.equal(merged, got) and torch.equal(c_merged, c_ker)
     rest = torch.ones(window, dtype=torch.bool, device="cuda")
     rest[pos] = False
     assert torch.equal(c_ker[:, :, :, rest], cache[:, :, :, rest])

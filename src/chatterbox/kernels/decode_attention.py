@@ -1,9 +1,9 @@
-"""One decode step of Llama attention as two Triton kernels: rotary + cache write + split-KV attention.
+"""One decode step of Llama attention in one or two Triton kernels: rotary + cache write + split-KV attention.
 
 T3 decodes one position at a time (a CFG pair of 2 rows, 16 heads of 64). The reference path spends
 four launches a layer on that: the rotary kernel, ``index_copy_`` of the new key/value into the
 cache, an additive mask, and an SDPA kernel that is built for long queries. This module does it in
-two kernels that read the raw q/k/v projection output:
+one kernel (two without ``counters``) that reads the raw q/k/v projection output:
 
 * ``_partial_kernel``, grid (B * H, splits): rotates q and the new k of its head (the rotary halves
   are handled as two D/2 vectors, as ``rotate_half``), walks its split of the cache window in
@@ -11,8 +11,10 @@ two kernels that read the raw q/k/v projection output:
   values). The slot at ``position`` takes the new key/value from registers, not from the cache,
   and the program that owns that slot for the first head of each kv group writes the rotated key
   and the value into the cache, so no program depends on another's write.
-* ``_combine_kernel``, grid (B * H,): merges the splits in a fixed order (deterministic) and stores
-  the head's output in the (B, H * D) layout the output projection reads.
+* the merge of a head's splits, in a fixed order (deterministic), into the (B, H * D) layout the
+  output projection reads: done by the head's last split program to finish when the caller passes
+  zeroed ``counters`` (an atomic count per head; its acquire makes the other splits' partials
+  visible), else by ``_combine_kernel``, grid (B * H,), a second launch.
 
 ``position`` is read on the device, so one launch (or one CUDA-graph capture) serves every position
 of a cache window. No load waits for it: every split loads its slots and masks the scores of slots
@@ -60,10 +62,11 @@ DEFAULT_CONFIG = DecodeAttentionConfig()
 
 
 @triton.jit
-def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, stat_ptr, final_ptr, s_ob,
+def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, stat_ptr, final_ptr, count_ptr, s_ob,
                     L, sm_scale, s_qb, s_qh, s_c2, s_cb, s_ch, s_cl,
                     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr,
-                    SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr):
+                    SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr, MERGE_HERE: tl.constexpr,
+                    SPLITS_POW2: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
@@ -76,6 +79,11 @@ def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, sta
         out = final_ptr + b * s_ob + h * (2 * HALF)
     _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
                   s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L, SPLITS == 1)
+    if MERGE_HERE:  # the last split of a head to finish merges them (its acquire sees the others' writes)
+        tl.debug_barrier()
+        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
+        if done == SPLITS - 1:
+            _merge_splits(part_ptr, stat_ptr, final_ptr, bh, b, h, s_ob, 2 * HALF, SPLITS, SPLITS_POW2)
 
 
 @triton.jit
@@ -146,23 +154,28 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
 
 
 @triton.jit
-def _combine_kernel(part_ptr, stat_ptr, out_ptr, s_ob, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    bh = tl.program_id(0)
-    b = bh // H
-    h = bh % H
+def _merge_splits(part_ptr, stat_ptr, out_ptr, bh, b, h, s_ob, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                  SPLITS_POW2: tl.constexpr):
+    """Merge head ``bh``'s split partials in split order; loads bypass L1 (.cg): other programs wrote them."""
     sp = tl.arange(0, SPLITS_POW2)
     stat = stat_ptr + bh * SPLITS * 2
-    m = tl.load(stat + sp * 2, mask=sp < SPLITS, other=float("-inf"))
-    l_sum = tl.load(stat + sp * 2 + 1, mask=sp < SPLITS, other=0.0)
+    m = tl.load(stat + sp * 2, mask=sp < SPLITS, other=float("-inf"), cache_modifier=".cg")
+    l_sum = tl.load(stat + sp * 2 + 1, mask=sp < SPLITS, other=0.0, cache_modifier=".cg")
     top = tl.max(m, axis=0)
     w = tl.where(sp < SPLITS, tl.exp(m - top), 0.0)
     w = tl.where(l_sum > 0, w, 0.0)
     d = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_ptr + (bh * SPLITS + sp[:, None]) * HEAD_DIM + d[None, :],
-                  mask=(sp[:, None] < SPLITS) & (l_sum[:, None] > 0), other=0.0)
+                  mask=(sp[:, None] < SPLITS) & (l_sum[:, None] > 0), other=0.0, cache_modifier=".cg")
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
     tl.store(out_ptr + b * s_ob + h * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _combine_kernel(part_ptr, stat_ptr, out_ptr, s_ob, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    bh = tl.program_id(0)
+    _merge_splits(part_ptr, stat_ptr, out_ptr, bh, bh // H, bh % H, s_ob, HEAD_DIM, SPLITS, SPLITS_POW2)
 
 
 def _check(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor, num_heads: int,
@@ -186,13 +199,17 @@ def _check(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Te
 
 
 def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor, num_heads: int,
-                     num_kv_heads: int, cfg: DecodeAttentionConfig = DEFAULT_CONFIG) -> Tensor:
+                     num_kv_heads: int, counters: Tensor | None = None,
+                     cfg: DecodeAttentionConfig = DEFAULT_CONFIG) -> Tensor:
     """Attention of one new position; writes its rotated key and value into ``layer_kv`` at ``position``.
 
     qkv (B, H + 2 * KVH, D): the projection output, heads [q..., k..., v...] before rotary.
     cos, sin (D,): the rotary factors of ``position`` (halves repeated, as ``rope``).
     layer_kv (2, B, KVH, L, D): this layer's cache window (keys then values); slots after
     ``position`` are ignored. position (1,) int64 on the device, 0 <= position < L.
+    counters: optional zeroed int32 (>= B * H,) on the device; with it, the last split program of each
+    head merges the splits (one launch); without it a second kernel does. The counters are left
+    non-zero: a call needs fresh zeros (one ``torch.zeros`` per decode step serves every layer).
     Returns (B, H * D) in qkv's dtype: the softmax(q k^T / sqrt(D)) v of every head, rows laid out as
     the output projection reads them.
     """
@@ -206,19 +223,24 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, po
     part = torch.empty((b * num_heads, splits, d), dtype=torch.float32, device=qkv.device)
     stat = torch.empty((b * num_heads, splits, 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device)
+    merge_here = splits > 1 and counters is not None
+    if merge_here and (counters.dtype != torch.int32 or counters.numel() < b * num_heads or not counters.is_contiguous()):
+        raise ValueError(f"counters must be contiguous int32 with >= {b * num_heads} entries")
     _partial_kernel[(b * num_heads, splits)](
-        qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, out, out.stride(0), length, d ** -0.5,
+        qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, out,
+        counters if merge_here else stat, out.stride(0), length, d ** -0.5,
         qkv.stride(0), qkv.stride(1), layer_kv.stride(0), layer_kv.stride(1), layer_kv.stride(2), layer_kv.stride(3),
         H=num_heads, KVH=num_kv_heads, HALF=d // 2, SPLITS=splits, SPLIT_LEN=split_len, BLOCK_L=cfg.block_l,
+        MERGE_HERE=merge_here, SPLITS_POW2=triton.next_power_of_2(splits),
         num_warps=cfg.num_warps)
-    if splits > 1:
+    if splits > 1 and not merge_here:
         _combine_kernel[(b * num_heads,)](part, stat, out, out.stride(0), H=num_heads, HEAD_DIM=d, SPLITS=splits,
                                           SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1)
     return out
 
 
 def reference_decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor,
-                               num_heads: int, num_kv_heads: int) -> Tensor:
+                               num_heads: int, num_kv_heads: int, counters: Tensor | None = None) -> Tensor:
     """The same step in plain torch (rotary, ``index_copy_`` into the cache, masked SDPA): the
     equivalence reference for tests and the fallback where the kernels do not run."""
     b, _, d = qkv.shape
