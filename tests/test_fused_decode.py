@@ -309,3 +309,50 @@ def test_gpu_fused_decode_with_the_triton_attention_matches_sdpa():
             want = fused.decode(x, position, cache_a)
             got = fused.with_attention(decode_attention).decode(x, position, cache_b)
             assert float((got.float() - want.float()).abs().max()) <= 3e-2 * float(want.float().abs().max())
+
+
+def _pick_inputs(seed: int, device: str = "cpu"):
+    from chatterbox.models.t3.sampling import SamplingConfig
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(2, 300, generator=g, device=device) * 3
+    seen = torch.rand(1, 300, generator=g, device=device) < 0.1
+    return logits, seen, SamplingConfig.resemble(), g
+
+
+def test_race_pick_equals_processing_then_race_draw():
+    from chatterbox.graphed import race_draw
+    from chatterbox.models.t3.sampling import cfg_mix, process_logits, race_pick
+
+    for seed in range(5):
+        logits, seen, cfg, g = _pick_inputs(seed)
+        state = g.get_state()
+        probs = process_logits(cfg_mix(logits[0:1], logits[1:2], cfg.cfg_weight), seen, cfg).softmax(dim=-1)
+        want = race_draw(probs, g)
+        g.set_state(state)
+        race = torch.empty_like(logits[0:1]).exponential_(1, generator=g)
+        assert torch.equal(race_pick(logits, seen, race, cfg), want)
+
+
+def test_race_pick_traces_whole_under_torch_compile():
+    from chatterbox.models.t3.sampling import race_pick
+
+    compiled = torch.compile(race_pick, backend="aot_eager", fullgraph=True, dynamic=False)
+    for seed in range(3):
+        logits, seen, cfg, g = _pick_inputs(seed)
+        race = torch.empty_like(logits[0:1]).exponential_(1, generator=g)
+        assert torch.equal(compiled(logits, seen, race, cfg), race_pick(logits, seen, race, cfg))
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_inductor_race_pick_matches_eager():
+    from chatterbox.models.t3.sampling import race_pick
+
+    compiled = torch.compile(race_pick, fullgraph=True, dynamic=False)
+    same = 0
+    for seed in range(40):
+        logits, seen, cfg, g = _pick_inputs(seed, "cuda")
+        race = torch.empty_like(logits[0:1]).exponential_(1, generator=g)
+        same += int(torch.equal(compiled(logits, seen, race, cfg), race_pick(logits, seen, race, cfg)))
+    assert same >= 39  # fp32 reductions in another order may flip a near-tie, nothing more

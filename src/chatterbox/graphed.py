@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .models.t3.fused_decode import FusedDecoder, allocate_stacked_cache
 from .models.t3.llama import KVCache
-from .models.t3.sampling import SamplingConfig, cfg_mix, mark_seen, process_logits
+from .models.t3.sampling import SamplingConfig, mark_seen, race_pick
 from .models.t3.t3 import CFG_BATCH, T3
 from .nn.cuda_graph import CudaGraph
 
@@ -95,7 +95,7 @@ class T3GraphDecoder:
 
     def __init__(self, t3: T3, window: int = DEFAULT_T3_WINDOW, enabled: bool | None = None,
                  max_graphs: int = DEFAULT_MAX_GRAPHS, fused: FusedDecoder | None = None,
-                 prefill_bucket: int = DEFAULT_PREFILL_BUCKET) -> None:
+                 prefill_bucket: int = DEFAULT_PREFILL_BUCKET, pick_fn=race_pick) -> None:
         if window < _MIN_WINDOW:
             raise ValueError(f"window must be >= {_MIN_WINDOW} (capture runs that many scratch steps), got {window}")
         if fused is not None and fused.cfg != t3.cfg.llama:
@@ -104,6 +104,9 @@ class T3GraphDecoder:
             raise ValueError(f"prefill_bucket must be >= 1, got {prefill_bucket}")
         self.t3 = t3
         self.fused = fused
+        # (raw logits (2, V), seen (1, V), Exp(1) race (1, V), SamplingConfig) -> token (1, 1):
+        # sampling.race_pick, or a compiled version of it (a pass sets it)
+        self.pick_fn = pick_fn
         self.prefill_bucket = prefill_bucket
         self._prefill_graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self.window = window
@@ -251,7 +254,7 @@ class T3GraphDecoder:
         self._gen.set_state(gen_state)
 
     def _step_fn(self, width: int, sampling: SamplingConfig):
-        t3, state, gen, fused = self.t3, self._state, self._gen, self.fused
+        t3, state, gen, fused, pick = self.t3, self._state, self._gen, self.fused, self.pick_fn
         full = self._cache
         cache = KVCache(full.k[:, :, :, :width], full.v[:, :, :, :width])  # views: same storage
 
@@ -261,9 +264,9 @@ class T3GraphDecoder:
             return t3.speech_head(fused.decode(embeds, state.position, cache)[:, -1])
 
         def step() -> Tensor:
-            guided = cfg_mix(state.logits[0:1], state.logits[1:2], sampling.cfg_weight)  # (1, V)
-            probs = process_logits(guided, state.seen, sampling).softmax(dim=-1)
-            token = race_draw(probs, gen)  # (1, 1)
+            # the draws of race_draw on a (1, V) float tensor, then the pick (same generator use)
+            race = torch.empty_like(state.logits[0:1]).exponential_(1, generator=gen)
+            token = pick(state.logits, state.seen, race, sampling)  # (1, 1)
             state.seen.copy_(mark_seen(state.seen, token))
             embeds = t3.next_token_embeds(token, state.speech_position)  # (2, 1, C)
             state.logits.copy_(decode(embeds))

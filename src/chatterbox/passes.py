@@ -240,7 +240,9 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
                 and state.t3_decoder.enabled == graphed):
             fused = (_fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv, opt.t3_decode_attention,
                                     opt.t3_gemv_fusion) if opt.t3_fused_decode else None)
-            state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed)
+            pick = _compiled_pick(opt.t3.compile) if fused is not None and graphed and opt.t3.compile else None
+            state.t3_decoder = (T3GraphDecoder(t3, fused=fused, enabled=graphed, pick_fn=pick) if pick is not None
+                                else T3GraphDecoder(t3, fused=fused, enabled=graphed))
     else:
         state.t3_decoder = None
     if opt.cfm_estimator.cuda_graphs and _on_cuda(estimator, "cfm_estimator"):
@@ -293,6 +295,19 @@ def _fused_decoder(t3: nn.Module, compile_mode: str | None, graphed: bool, gemv:
         kwargs["mode"] = mode
     return fused.with_kernels(torch.compile(attention_inputs, **kwargs), torch.compile(attention_outputs, **kwargs),
                               torch.compile(rms_norm, **kwargs))
+
+
+def _compiled_pick(compile_mode: str):
+    """``sampling.race_pick`` compiled (the graphed decode's guidance, logit processors, softmax and
+    pick: ~15 small kernels a token eagerly); graph-safe modes only, as in ``_fused_decoder``."""
+    from .models.t3.sampling import race_pick
+
+    kwargs: dict = {"fullgraph": True, "dynamic": False}
+    if compile_mode not in ("default", "reduce-overhead", "max-autotune"):
+        kwargs["mode"] = compile_mode
+    elif compile_mode == "max-autotune":
+        kwargs["mode"] = "max-autotune-no-cudagraphs"
+    return torch.compile(race_pick, **kwargs)
 
 
 def _on_cuda(module: nn.Module, name: str) -> bool:

@@ -162,9 +162,9 @@ class FusedDecoder:
     norm_fn: Callable = rms_norm
     # y = x @ W.T for the projections: F.linear, or e.g. kernels.small_m_linear (a pass sets it).
     linear_fn: Callable = F.linear
-    # (qkv (B, H + 2 KVH, D), cos (D,), sin (D,), layer cache (2, B, KVH, L, D), position (1,), H, KVH
-    # [, zeroed int32 counters (B * H,)]) -> (B, H * D), writing the step's key/value into the cache:
-    # e.g. kernels.decode_attention (a pass sets it). None: rotary in ``inputs_fn``, index_copy_, SDPA.
+    # (qkv (B, H + 2 KVH, D), cos (D,), sin (D,), layer cache (2, B, KVH, L, D), position (1,), H, KVH)
+    # -> (B, H * D), writing the step's key/value into the cache: e.g. kernels.decode_attention (a
+    # pass sets it). None: rotary in ``inputs_fn``, index_copy_ and SDPA.
     attend_fn: Callable | None = None
     # Norms, SiLU gate and residual adds inside the projections (kernels/fused_gemv.py): five
     # launches a layer plus attention's. Uses ``attend_fn`` (or its torch reference when None).
@@ -253,12 +253,10 @@ class FusedDecoder:
         cfg = self.cfg
         attend = self.attend_fn or reference_decode_attention
         b, eps = embeds.shape[0], cfg.rms_norm_eps
-        # zeroed per-head split counters for every layer (one fill a step; see decode_attention)
-        counters = torch.zeros(len(self.layers), b * cfg.num_heads, dtype=torch.int32, device=embeds.device)
         x = embeds
         for i, w in enumerate(self.layers):
             qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
-            attn = attend(qkv, cos, sin, kv[i], position, cfg.num_heads, cfg.num_kv_heads, counters[i]).view(b, 1, -1)
+            attn = attend(qkv, cos, sin, kv[i], position, cfg.num_heads, cfg.num_kv_heads).view(b, 1, -1)
             h = residual_linear(attn, w.o, x)
             if self.gate_up_interleaved:
                 x = residual_linear(rms_glu_linear(h, w.post_norm, w.gate_up, eps), w.down, h)

@@ -134,6 +134,15 @@ def process_logits(logits: Tensor, seen: Tensor, cfg: SamplingConfig, record: Re
     return logits
 
 
+def race_pick(raw_logits: Tensor, seen: Tensor, race: Tensor, cfg: SamplingConfig) -> Tensor:
+    """The graphed decode's draw: raw logits (2, V) of [cond, uncond] -> guided, processed
+    probabilities -> ``argmax(p / race)`` (1, 1), with ``race`` (1, V) Exp(1) draws (see
+    ``graphed.race_draw``). Pure tensors in and out, so a pass may compile it into a few kernels."""
+    guided = cfg_mix(raw_logits[0:1], raw_logits[1:2], cfg.cfg_weight)
+    probs = process_logits(guided, seen, cfg).softmax(dim=-1)
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
 def new_seen(batch: int, vocab: int, first_ids: Tensor) -> Tensor:
     """A (batch, vocab) mask with ``first_ids`` (batch, k) marked, e.g. the initial BOS."""
     empty = torch.zeros(batch, vocab, dtype=torch.bool, device=first_ids.device)
