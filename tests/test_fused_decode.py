@@ -356,3 +356,19 @@ def test_gpu_inductor_race_pick_matches_eager():
         race = torch.empty_like(logits[0:1]).exponential_(1, generator=g)
         same += int(torch.equal(compiled(logits, seen, race, cfg), race_pick(logits, seen, race, cfg)))
     assert same >= 39  # fp32 reductions in another order may flip a near-tie, nothing more
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("stop_at", [None, 0, 3, 4, 9, 15])
+def test_gpu_lagged_stop_check_yields_what_the_immediate_check_yields(stop_at):
+    t3 = tiny_t3().cuda()
+    stop = t3.cfg.stop_speech_token
+    ids = [5 + (i % 7) for i in range(16)]
+    if stop_at is not None:
+        ids[stop_at] = stop
+    make = lambda: iter(torch.tensor([[i]], device="cuda") for i in ids)  # noqa: E731
+    for block in (1, 4, 5):
+        want = [c.tolist() for c in t3._stop_checked_blocks(make(), len(ids), block)]
+        got = [c.tolist() for c in t3._lagged_stop_checked_blocks(make(), len(ids), block)]
+        assert got == want

@@ -236,7 +236,8 @@ class T3(nn.Module):
         """Yield new speech tokens in blocks (1, <= block_size), ending with the block that holds the
         stop token (kept) or the last block when ``max_new_tokens`` is reached.
 
-        One host sync per block (the stop check). Steps sampled after a stop token inside a block are
+        One host sync per block (the stop check; with a ``decoder`` on CUDA it is read one block late,
+        see ``_lagged_stop_checked_blocks``, so the GPU never waits for it). Steps sampled after a stop token inside a block are
         computed and discarded; a ``recorder`` therefore may hold up to ``block_size - 1`` extra steps
         after the stop. ``forced_tokens`` (1, K) replays tokens instead of sampling and caps the steps at K.
 
@@ -284,7 +285,10 @@ class T3(nn.Module):
             speech_position = torch.ones(1, dtype=torch.long, device=embeds.device)
             tokens = self._eager_tokens(logits, seen, position, speech_position, cache, sampling, generator,
                                         steps, forced_tokens, recorder)
-        yield from self._stop_checked_blocks(tokens, steps, block_size)
+        if decoder is not None and embeds.device.type == "cuda":
+            yield from self._lagged_stop_checked_blocks(tokens, steps, block_size)
+        else:
+            yield from self._stop_checked_blocks(tokens, steps, block_size)
 
     def _eager_tokens(self, logits: Tensor, seen: Tensor, position: Tensor, speech_position: Tensor,
                       cache: KVCache, sampling: SamplingConfig, generator: torch.Generator | None, steps: int,
@@ -313,6 +317,41 @@ class T3(nn.Module):
                     yield chunk[:, :int(stops[0, 0]) + 1]
                     return
                 yield chunk
+
+    def _lagged_stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+        """``_stop_checked_blocks`` without stalling the GPU: a block's stop check is copied to pinned
+        host memory asynchronously and read after the next block has been queued, so the device always
+        has a block of work while the host waits. A block is yielded one block late, and up to
+        ``2 * block_size - 1`` steps after a stop are computed and discarded (``block_size - 1`` in the
+        unlagged check). The CUDA-graphed decoder uses it."""
+        pending: tuple[Tensor, Tensor, torch.cuda.Event] | None = None
+        block: list[Tensor] = []
+        for step, token in enumerate(tokens):
+            block.append(token)
+            if len(block) < block_size and step < steps - 1:
+                continue
+            chunk = torch.cat(block, dim=1)
+            block = []
+            hit = chunk[0] == self.cfg.stop_speech_token
+            first = torch.where(hit.any(), hit.int().argmax(), -1)
+            host = torch.empty((), dtype=torch.long, pin_memory=True)
+            host.copy_(first, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            if pending is not None:
+                done, stopped = self._settle(*pending)
+                yield done
+                if stopped:
+                    return
+            pending = (chunk, host, event)
+        if pending is not None:
+            yield self._settle(*pending)[0]
+
+    @staticmethod
+    def _settle(chunk: Tensor, host: Tensor, event: "torch.cuda.Event") -> tuple[Tensor, bool]:
+        event.synchronize()
+        stop = int(host)
+        return (chunk, False) if stop < 0 else (chunk[:, :stop + 1], True)
 
     def inference(
         self, t3_cond: T3Cond, text_tokens: Tensor, max_new_tokens: int, *,
