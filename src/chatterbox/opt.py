@@ -31,7 +31,7 @@ CHANNELS_LAST_COMPONENTS = ("s3tokenizer", "campplus", "flow_encoder", "cfm_esti
 # lengths), and the per-voice encoders (one graph per exact input shape: a reference of the same
 # length replays).
 CUDA_GRAPH_COMPONENTS = ("t3", "cfm_estimator", "campplus", "voice_encoder")
-PRESETS = ("reference", "fast")
+PRESETS = ("reference", "fast", "cpu")
 
 _SPEC_SEPARATOR = "+"
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -132,8 +132,10 @@ class OptConfig:
 
         T3: bf16 weights, packed q/k/v and gate/up projections (``t3_fused_decode``) whose per-layer
         elementwise work is compiled (``t3.compile``, CUDA only), projections through the small-M
-        Triton GEMV (``t3_gemv``), all inside one CUDA graph per token (sampling included), and a
-        CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
+        Triton GEMV (``t3_gemv``) with the norms, SiLU gate and residual adds folded into it
+        (``t3_gemv_fusion``), rotary + cache write + attention as Triton kernels
+        (``t3_decode_attention``), the sampling step compiled, all inside one CUDA graph per token,
+        and a CUDA-graphed prefill. CFM estimator: bf16 + CUDA graphs over
         bucketed lengths. CAMPPlus and the voice encoder: fp32, one CUDA graph per reference length
         (preparing a voice is launch-bound: 84 -> 20 ms, eval/results/h100-profile-conds-graphs.json).
         channels_last is off everywhere: on HiFT it measured slower (patches/04).
@@ -151,15 +153,29 @@ class OptConfig:
             stop_check_every=4,
             t3_fused_decode=True,
             t3_gemv=True,
+            t3_decode_attention=True,
+            t3_gemv_fusion=True,
         )
 
     @classmethod
+    def cpu(cls) -> "OptConfig":
+        """The best configuration measured on 2 CPU cores (eval/results/cpu-ab.json, patches/14).
+
+        fp32 everywhere (the CPUs measured lack bf16 arithmetic: bf16/fp16 T3 decoded 2x slower),
+        the CFM estimator's convolutions channels_last (its 10 calls are most of S3Gen's time on a
+        CPU). T3 is memory-bound at ~0.3-0.4 s/token; nothing here changes its numbers.
+        """
+        return cls(cfm_estimator=ComponentOpt(channels_last=True))
+
+    @classmethod
     def from_name(cls, name: str) -> "OptConfig":
-        """A named preset: ``"reference"`` or ``"fast"``."""
+        """A named preset: ``"reference"``, ``"fast"`` (GPU) or ``"cpu"``."""
         if name == "reference":
             return cls.reference()
         if name == "fast":
             return cls.fast()
+        if name == "cpu":
+            return cls.cpu()
         raise ValueError(f"unknown OptConfig preset {name!r}; known: {PRESETS} "
                          "(use OptConfig.parse for 'preset+field=value' specs)")
 
