@@ -224,7 +224,8 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, po
     stat = torch.empty((b * num_heads, splits, 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device)
     merge_here = splits > 1 and counters is not None
-    if merge_here and (counters.dtype != torch.int32 or counters.numel() < b * num_heads or not counters.is_contiguous()):
+    if merge_here and (counters.dtype != torch.int32 or counters.numel() < b * num_heads
+                       or not counters.is_contiguous()):
         raise ValueError(f"counters must be contiguous int32 with >= {b * num_heads} entries")
     _partial_kernel[(b * num_heads, splits)](
         qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, out,

@@ -43,7 +43,8 @@ def _load_x(ptrs, mask, UNMASKED: tl.constexpr):
 
 
 @triton.jit
-def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
+def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr, stride_xm, stride_wn, stride_om,
+                       eps,
                        PROLOGUE: tl.constexpr, RESIDUAL: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, VEC: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                        EVEN_M: tl.constexpr, GLU_OUT: tl.constexpr):

@@ -237,9 +237,9 @@ class T3(nn.Module):
         stop token (kept) or the last block when ``max_new_tokens`` is reached.
 
         One host sync per block (the stop check; with a ``decoder`` on CUDA it is read one block late,
-        see ``_lagged_stop_checked_blocks``, so the GPU never waits for it). Steps sampled after a stop token inside a block are
-        computed and discarded; a ``recorder`` therefore may hold up to ``block_size - 1`` extra steps
-        after the stop. ``forced_tokens`` (1, K) replays tokens instead of sampling and caps the steps at K.
+        see ``_lagged_stop_checked_blocks``, so the GPU never waits for it). Steps sampled after a
+        stop token inside a block are computed and discarded; a ``recorder`` therefore may hold up
+        to ``block_size - 1`` extra steps after the stop. ``forced_tokens`` (1, K) replays tokens instead of sampling and caps the steps at K.
 
         ``decoder``: an explicit per-token runner (e.g. the CUDA-graphed ``T3GraphDecoder`` that the
         pipeline owns) that samples, feeds the token back and decodes in one call; it owns the KV
