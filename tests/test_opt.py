@@ -133,7 +133,7 @@ def test_presets_and_names():
     assert fast.t3.dtype == "bfloat16" and fast.t3.cuda_graphs and fast.cfm_estimator.cuda_graphs
     assert fast.t3_fused_decode and fast.t3_gemv and fast.t3.compile == "default"
     assert fast.hift.is_reference  # channels_last measured slower on HiFT (patches/04)
-    assert fast.t3_decode_attention and fast.t3_gemv_fusion
+    assert fast.t3_decode_attention and fast.t3_gemv_fusion and fast.s3tokenizer.dtype == "float16"
     cpu = OptConfig.from_name("cpu")
     assert cpu == OptConfig.parse("cpu") == OptConfig.cpu()
     assert cpu.cfm_estimator.channels_last and all(getattr(cpu, c).dtype == "float32" for c in COMPONENTS)

@@ -139,11 +139,13 @@ class OptConfig:
         bucketed lengths. CAMPPlus and the voice encoder: fp32, one CUDA graph per reference length
         (preparing a voice is launch-bound: 84 -> 20 ms, eval/results/h100-profile-conds-graphs.json).
         channels_last is off everywhere: on HiFT it measured slower (patches/04).
-        The flow encoder and tokenizer run once per call or per voice and
-        stay fp32 (bf16 changes the tokenizer's speech tokens). Stop checks every 4 tokens: with a
-        graphed decode the host sync is cheap and fewer tokens are decoded past the stop.
+        The S3 tokenizer runs in fp16 (0.25 GB less resident; on the 10 s synthetic reference T3's
+        prompt tokens are unchanged and 1 of S3Gen's 250 differs, bf16 would change 8 %:
+        eval/results/h100-tokenizer-dtype.json, patches/15); the flow encoder stays fp32. Stop
+        checks every 4 tokens, read one block late by the graphed decode (no GPU stall).
         """
         return cls(
+            s3tokenizer=ComponentOpt(dtype="float16"),
             t3=ComponentOpt(dtype="bfloat16", cuda_graphs=True, compile="default"),
             cfm_estimator=ComponentOpt(dtype="bfloat16", cuda_graphs=True),
             campplus=ComponentOpt(cuda_graphs=True),
