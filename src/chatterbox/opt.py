@@ -140,7 +140,7 @@ class OptConfig:
         (preparing a voice is launch-bound: 84 -> 20 ms, eval/results/h100-profile-conds-graphs.json).
         channels_last is off everywhere: on HiFT it measured slower (patches/04).
         The S3 tokenizer runs in fp16 (0.25 GB less resident; on the 10 s synthetic reference T3's
-        prompt tokens are unchanged and 1 of S3Gen's 250 differs, bf16 would change 8 %:
+        prompt tokens are unchanged and 1 of S3Gen's 250 differs; bf16 changes 8 % of T3's:
         eval/results/h100-tokenizer-dtype.json, patches/15); the flow encoder stays fp32. Stop
         checks every 4 tokens, read one block late by the graphed decode (no GPU stall).
         """
@@ -163,7 +163,8 @@ class OptConfig:
     def cpu(cls) -> "OptConfig":
         """The best configuration measured on 2 CPU cores (eval/results/cpu-ab.json, patches/14).
 
-        fp32 everywhere (the CPUs measured lack bf16 arithmetic: bf16/fp16 T3 decoded 2x slower),
+        fp32 everywhere (the CPU measured lacks 16-bit arithmetic: bf16/fp16 T3 decoded 2x slower,
+        eval/results/cpu-t3-dtype.json),
         the CFM estimator's convolutions channels_last (its 10 calls are most of S3Gen's time on a
         CPU). T3 is memory-bound at ~0.3-0.4 s/token; nothing here changes its numbers.
         """
