@@ -13,38 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 from pathlib import Path
 
 import torch
 
 from .ab import environment
+from .bench_small_m_linear import graph_us_per_call
 
 log = logging.getLogger("eval.bench_decode_attention")
 SWEEP = [(32, 32, 2, 0), (32, 16, 1, 0), (64, 32, 2, 0), (64, 64, 4, 0), (32, 32, 2, 4096), (32, 32, 4, 4096),
          (64, 64, 4, 4096), (32, 16, 2, 4096)]
-
-
-def time_graph(fn, calls: int, reps: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn(0)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,25 +52,26 @@ def main(argv: list[str] | None = None) -> int:
             fills = {}
 
             def counters(i: int) -> torch.Tensor:
-                if i % args.layers == 0:  # a fresh zeroed block per "step" of args.layers calls
+                if i == 0:  # a fresh zeroed block per "step" of args.layers calls
                     fills["now"] = torch.zeros(args.layers, 2 * heads, dtype=torch.int32, device=dev)
-                return fills["now"][i % args.layers]
+                return fills["now"][i]
 
-            row = {"width": width, "reference_us": time_graph(
-                lambda i: reference_decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads),
-                args.calls, args.reps)}
+            layers = list(range(args.layers))
+            row = {"width": width, "reference_us": graph_us_per_call(
+                lambda i: reference_decode_attention(qkv, cos, sin, caches[i], pos, heads, heads),
+                layers, args.calls, args.reps)}
             configs = [DEFAULT_CONFIG] + ([DecodeAttentionConfig(*c) for c in SWEEP] if args.sweep else [])
             row["kernel_us"] = {}
             for cfg in configs:
                 key = f"{cfg.split_len}/{cfg.block_l}/{cfg.num_warps}/{cfg.single_pass_max_len}"
                 try:
-                    row["kernel_us"][key] = time_graph(
-                        lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads,
-                                                          cfg=c), args.calls, args.reps)
+                    row["kernel_us"][key] = graph_us_per_call(
+                        lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i], pos, heads, heads, cfg=c),
+                        layers, args.calls, args.reps)
                     # as T3 calls it: zeroed counters (one fill per step), the last split program merges
-                    row["kernel_us"][key + "/merged"] = time_graph(
-                        lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i % args.layers], pos, heads, heads,
-                                                          counters(i), cfg=c), args.calls, args.reps)
+                    row["kernel_us"][key + "/merged"] = graph_us_per_call(
+                        lambda i, c=cfg: decode_attention(qkv, cos, sin, caches[i], pos, heads, heads,
+                                                          counters(i), cfg=c), layers, args.calls, args.reps)
                 except Exception as exc:  # noqa: BLE001 - a config that does not build is reported, not fatal
                     row.setdefault("errors", {})[key] = f"{type(exc).__name__}: {str(exc)[:200]}"
             dc = DEFAULT_CONFIG

@@ -59,8 +59,9 @@ def environment(commit: str | None) -> dict:
             "sms": torch.cuda.get_device_properties(0).multi_processor_count}
 
 
-def graph_us_per_call(fn, weights: list[torch.Tensor], calls: int, reps: int) -> float:
-    """Median over ``reps`` replays of a CUDA graph of ``calls`` calls ``fn(weights[i % len])``, in us/call."""
+def graph_us_per_call(fn, weights: list, calls: int, reps: int) -> float:
+    """Median over ``reps`` replays of a CUDA graph of ``calls`` calls ``fn(weights[i % len])``, in us/call
+    (``weights``: whatever ``fn`` cycles through, e.g. weight tensors or layer indices)."""
     for w in weights[:2]:
         fn(w)  # compile / pick kernels outside capture
     torch.cuda.synchronize()

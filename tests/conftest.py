@@ -26,6 +26,21 @@ def load_fixture(stem: str):
     return _load(FIXTURES / f"{stem}{suffix}")
 
 
+def run_triton_interpreted(script: str, payload: str, timeout: int = 900) -> dict:
+    """Run ``script`` (python -c) with TRITON_INTERPRET=1 set before triton loads, ``payload`` as its
+    first argument; return the JSON object on its last stdout line (Triton kernels on the CPU)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run([sys.executable, "-c", script, payload], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode:
+        raise AssertionError(f"interpreter run failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.manual_seed(0)

@@ -17,16 +17,12 @@ cache must match exactly in float32 and to one bf16 rounding of the rotary in bf
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_triton_interpreted
 
-ROOT = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 CACHE_TOL = {"float32": 0.0, "bfloat16": 1e-2}
@@ -86,12 +82,7 @@ CHECK = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode:
-        raise AssertionError(f"interpreter run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_triton_interpreted(CHECK, json.dumps(CASES))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -14,21 +14,17 @@ activation, to bf16).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_triton_interpreted
 
 from chatterbox.kernels import fused_gemv as fg
 from chatterbox.models.t3.fused_decode import FusedDecoder, allocate_stacked_cache, rms_norm
 from chatterbox.models.t3.llama import KVCache, LlamaConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOL = {"float32": 1e-5, "bfloat16": 1.6e-2}
 EPS = 1e-5
@@ -88,12 +84,7 @@ CHECK = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.run([sys.executable, "-c", CHECK, json.dumps(CASES)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode:
-        raise AssertionError(f"interpreter run failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_triton_interpreted(CHECK, json.dumps(CASES))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .models.t3.fused_decode import FusedDecoder, allocate_stacked_cache
 from .models.t3.llama import KVCache
-from .models.t3.sampling import SamplingConfig, mark_seen, race_pick
+from .models.t3.sampling import SamplingConfig, exponential_race, mark_seen, pick_by_race, race_pick
 from .models.t3.t3 import CFG_BATCH, T3
 from .nn.cuda_graph import CudaGraph
 
@@ -47,8 +47,7 @@ def race_draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
     generator consumption) of ``torch.multinomial(probs, 1)``, minus that op's validity check,
     which reads the probabilities on the host and so cannot be captured.
     """
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return pick_by_race(probs, exponential_race(probs, generator))
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -95,7 +94,7 @@ class T3GraphDecoder:
 
     def __init__(self, t3: T3, window: int = DEFAULT_T3_WINDOW, enabled: bool | None = None,
                  max_graphs: int = DEFAULT_MAX_GRAPHS, fused: FusedDecoder | None = None,
-                 prefill_bucket: int = DEFAULT_PREFILL_BUCKET, pick_fn=race_pick) -> None:
+                 prefill_bucket: int = DEFAULT_PREFILL_BUCKET, pick_fn=None) -> None:
         if window < _MIN_WINDOW:
             raise ValueError(f"window must be >= {_MIN_WINDOW} (capture runs that many scratch steps), got {window}")
         if fused is not None and fused.cfg != t3.cfg.llama:
@@ -106,7 +105,7 @@ class T3GraphDecoder:
         self.fused = fused
         # (raw logits (2, V), seen (1, V), Exp(1) race (1, V), SamplingConfig) -> token (1, 1):
         # sampling.race_pick, or a compiled version of it (a pass sets it)
-        self.pick_fn = pick_fn
+        self.pick_fn = pick_fn or race_pick
         self.prefill_bucket = prefill_bucket
         self._prefill_graphs: OrderedDict[tuple, CudaGraph] = OrderedDict()
         self.window = window
@@ -264,9 +263,8 @@ class T3GraphDecoder:
             return t3.speech_head(fused.decode(embeds, state.position, cache)[:, -1])
 
         def step() -> Tensor:
-            # the draws of race_draw on a (1, V) float tensor, then the pick (same generator use)
-            race = torch.empty_like(state.logits[0:1]).exponential_(1, generator=gen)
-            token = pick(state.logits, state.seen, race, sampling)  # (1, 1)
+            # race_draw's draws on a (1, V) float tensor, then the pick: the same generator use
+            token = pick(state.logits, state.seen, exponential_race(state.logits[0:1], gen), sampling)  # (1, 1)
             state.seen.copy_(mark_seen(state.seen, token))
             embeds = t3.next_token_embeds(token, state.speech_position)  # (2, 1, C)
             state.logits.copy_(decode(embeds))

@@ -241,8 +241,7 @@ def _refresh_runners(state: OptState, components: dict[str, nn.Module], opt: Opt
             fused = (_fused_decoder(t3, opt.t3.compile, graphed, opt.t3_gemv, opt.t3_decode_attention,
                                     opt.t3_gemv_fusion) if opt.t3_fused_decode else None)
             pick = _compiled_pick(opt.t3.compile) if fused is not None and graphed and opt.t3.compile else None
-            state.t3_decoder = (T3GraphDecoder(t3, fused=fused, enabled=graphed, pick_fn=pick) if pick is not None
-                                else T3GraphDecoder(t3, fused=fused, enabled=graphed))
+            state.t3_decoder = T3GraphDecoder(t3, fused=fused, enabled=graphed, pick_fn=pick)
     else:
         state.t3_decoder = None
     if opt.cfm_estimator.cuda_graphs and _on_cuda(estimator, "cfm_estimator"):

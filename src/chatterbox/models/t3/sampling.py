@@ -134,13 +134,22 @@ def process_logits(logits: Tensor, seen: Tensor, cfg: SamplingConfig, record: Re
     return logits
 
 
+def exponential_race(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Exp(1) draws shaped like ``like`` (the random half of a categorical draw, see ``pick_by_race``)."""
+    return torch.empty_like(like).exponential_(1, generator=generator)
+
+
+def pick_by_race(probs: Tensor, race: Tensor) -> Tensor:
+    """``argmax(p / E)`` per row (B, V) -> (B, 1): with E ~ Exp(1) it picks id i with probability p_i."""
+    return (probs / race).argmax(dim=-1, keepdim=True)
+
+
 def race_pick(raw_logits: Tensor, seen: Tensor, race: Tensor, cfg: SamplingConfig) -> Tensor:
     """The graphed decode's draw: raw logits (2, V) of [cond, uncond] -> guided, processed
-    probabilities -> ``argmax(p / race)`` (1, 1), with ``race`` (1, V) Exp(1) draws (see
-    ``graphed.race_draw``). Pure tensors in and out, so a pass may compile it into a few kernels."""
+    probabilities -> ``pick_by_race`` (1, 1) with ``race`` (1, V) from ``exponential_race``. Pure
+    tensors in and out, so a pass may compile it into a few kernels."""
     guided = cfg_mix(raw_logits[0:1], raw_logits[1:2], cfg.cfg_weight)
-    probs = process_logits(guided, seen, cfg).softmax(dim=-1)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+    return pick_by_race(process_logits(guided, seen, cfg).softmax(dim=-1), race)
 
 
 def new_seen(batch: int, vocab: int, first_ids: Tensor) -> Tensor:

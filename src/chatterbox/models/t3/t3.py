@@ -305,18 +305,23 @@ class T3(nn.Module):
             position = position + 1
             speech_position = speech_position + 1
 
-    def _stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+    @staticmethod
+    def _blocks(tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+        """Tokens (1, 1) joined into blocks (1, <= block_size); the last block ends at step ``steps``."""
         block: list[Tensor] = []
         for step, token in enumerate(tokens):
             block.append(token)
             if len(block) == block_size or step == steps - 1:
-                chunk = torch.cat(block, dim=1)
+                yield torch.cat(block, dim=1)
                 block = []
-                stops = (chunk[0] == self.cfg.stop_speech_token).nonzero()  # the per-block host sync
-                if stops.numel():
-                    yield chunk[:, :int(stops[0, 0]) + 1]
-                    return
-                yield chunk
+
+    def _stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+        for chunk in self._blocks(tokens, steps, block_size):
+            stops = (chunk[0] == self.cfg.stop_speech_token).nonzero()  # the per-block host sync
+            if stops.numel():
+                yield chunk[:, :int(stops[0, 0]) + 1]
+                return
+            yield chunk
 
     def _lagged_stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
         """``_stop_checked_blocks`` without stalling the GPU: a block's stop check is copied to pinned
@@ -325,13 +330,7 @@ class T3(nn.Module):
         ``2 * block_size - 1`` steps after a stop are computed and discarded (``block_size - 1`` in the
         unlagged check). The CUDA-graphed decoder uses it."""
         pending: tuple[Tensor, Tensor, torch.cuda.Event] | None = None
-        block: list[Tensor] = []
-        for step, token in enumerate(tokens):
-            block.append(token)
-            if len(block) < block_size and step < steps - 1:
-                continue
-            chunk = torch.cat(block, dim=1)
-            block = []
+        for chunk in self._blocks(tokens, steps, block_size):
             hit = chunk[0] == self.cfg.stop_speech_token
             first = torch.where(hit.any(), hit.int().argmax(), -1)
             host = torch.empty((), dtype=torch.long, pin_memory=True)
