@@ -144,10 +144,10 @@ def test_t3_generation_with_the_fused_decoder_equals_the_eager_loop(dtype):
             assert float(agree) >= 0.5
 
 
-def test_opt_switch_builds_a_fused_decoder_and_reverts():
+def tiny_pipeline():
+    """A stand-in for ChatterboxTTS holding tiny T3, S3Gen and voice encoder (what apply_opt reads)."""
     from types import SimpleNamespace
 
-    from chatterbox.passes import apply_opt
     from chatterbox.models.s3gen.flow import FlowConfig
     from chatterbox.models.s3gen.hift import HiFTConfig, fold_weight_norm
     from chatterbox.models.s3gen.s3gen import S3Gen, S3GenConfig
@@ -160,13 +160,50 @@ def test_opt_switch_builds_a_fused_decoder_and_reverts():
                       flow=FlowConfig.tiny(), hift=HiFTConfig.tiny())
     s3gen = S3Gen(cfg)
     fold_weight_norm(s3gen.mel2wav)
-    p = SimpleNamespace(t3=tiny_t3(), s3gen=s3gen.eval(), ve=VoiceEncoder(VoiceEncoderConfig.tiny()).eval())
+    return SimpleNamespace(t3=tiny_t3(), s3gen=s3gen.eval(), ve=VoiceEncoder(VoiceEncoderConfig.tiny()).eval())
+
+
+def test_opt_switch_builds_a_fused_decoder_and_reverts():
+    from chatterbox.passes import apply_opt
+
+    p = tiny_pipeline()
     state = apply_opt(p, OptConfig.parse("reference+t3_fused_decode=1+t3.compile=default"))
     dec = state.t3_decoder
     assert isinstance(dec, T3GraphDecoder) and dec.fused is not None and dec.enabled is False
     assert dec.fused.inputs_fn is attention_inputs  # compiled on CUDA only; eager here
     assert apply_opt(p, OptConfig.parse("reference+t3_fused_decode=1+t3.compile=default")).t3_decoder is dec
     assert apply_opt(p, OptConfig.reference()).t3_decoder is None
+
+
+def test_t3_generation_with_gemv_fusion_equals_the_eager_loop():
+    t3, ref = tiny_t3(), tiny_t3()
+    cond, text = t3_inputs(t3.cfg)
+    fused = FusedDecoder.pack(t3.tfmr, interleave_gate_up=True).with_gemv_fusion()
+    decoder = T3GraphDecoder(t3, window=8, enabled=False, fused=fused)
+    for seed in range(3):
+        g_ref, g_fused = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        with torch.inference_mode():
+            want = ref.inference(cond, text, 25, generator=g_ref, top_p=0.9, min_p=0.05, stop_check_every=4)
+            got = t3.inference(cond, text, 25, generator=g_fused, top_p=0.9, min_p=0.05, stop_check_every=4,
+                               decoder=decoder)
+        assert got.tolist() == want.tolist()
+        assert torch.equal(g_ref.get_state(), g_fused.get_state())
+
+
+def test_opt_switch_with_the_new_t3_kernels_keeps_the_weights():
+    from chatterbox.passes import apply_opt
+
+    p = tiny_pipeline()
+    t3 = p.t3
+    before = {k: v.clone() for k, v in t3.state_dict().items()}
+    state = apply_opt(p, OptConfig.parse("reference+t3_fused_decode=1+t3_decode_attention=1+t3_gemv_fusion=1"))
+    fused = state.t3_decoder.fused
+    assert fused.gemv_fusion and fused.gate_up_interleaved
+    assert fused.attend_fn is None  # the Triton attention is CUDA-only; the torch reference runs here
+    after = t3.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert apply_opt(p, OptConfig.reference()).t3_decoder is None
+    assert all(torch.equal(t3.state_dict()[k], before[k]) for k in before)
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
