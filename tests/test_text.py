@@ -81,3 +81,67 @@ def test_split_text_cuts_a_long_sentence_at_commas_then_words():
 def test_split_text_rejects_empty(bad):
     with pytest.raises(ValueError, match="empty"):
         split_text(bad, len)
+
+
+# ------------------------------------------------------------------ text the vocabulary cannot encode
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return EnTokenizer(write_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
+
+
+def _unk(tok):
+    return tok.tokenizer.token_to_id("[UNK]")
+
+
+def test_encodable_text_is_untouched(tokenizer, caplog):
+    from chatterbox.text import check_encodable
+
+    for text in ("Hello there, world!", "\u201cQuoted\u201d \u2014 and\u2026 more.", "Line one.\n\nLine two."):
+        with caplog.at_level("WARNING"):
+            assert check_encodable(text, tokenizer) == text
+        ids = tokenizer.text_to_tokens(punc_norm(text))[0].tolist()
+        assert ids == tokenizer.encode(punc_norm(text)) and _unk(tokenizer) not in ids
+    assert not caplog.records
+
+
+def test_unencodable_characters_are_dropped_with_one_warning(tokenizer, caplog):
+    from chatterbox.text import check_encodable
+
+    text = "Hello \u4e16\u754c, this is \u4e16 a test \U0001F600\U0001F600!"
+    with caplog.at_level("WARNING", logger="chatterbox.text"):
+        out = check_encodable(text, tokenizer)
+    assert out == "Hello, this is a test!"
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    # each dropped character named once, readable, in order of appearance
+    assert "'\u4e16' (U+4E16), '\u754c' (U+754C), '\U0001F600' (U+1F600)" in message
+    assert message.count("U+4E16") == 1 and "English only" in message and "multilingual" in message
+
+
+def test_text_to_tokens_never_emits_unknown_ids(tokenizer, caplog):
+    with caplog.at_level("WARNING", logger="chatterbox.text"):
+        ids = tokenizer.text_to_tokens(punc_norm("Caf\u00e9 \u043c\u0438\u0440 time."))[0].tolist()
+    assert _unk(tokenizer) not in ids
+    assert ids == tokenizer.encode("Caf time.")
+    assert "U+00E9" in caplog.text and "U+043C" in caplog.text
+    assert _unk(tokenizer) not in tokenizer.text_to_tokens("a\nb")[0].tolist()  # a newline reads as a space
+
+
+@pytest.mark.parametrize("text", ["\u4f60\u597d\u3002", "\U0001F600 \U0001F389", "\u0645\u0631\u062d\u0628\u0627!"])
+def test_nothing_encodable_raises(tokenizer, text):
+    from chatterbox.text import check_encodable
+
+    with pytest.raises(ValueError, match="English only") as info:
+        check_encodable(text, tokenizer)
+    assert f"U+{ord(text[0]):04X}" in str(info.value)
+    with pytest.raises(ValueError, match="nothing left to speak"):
+        tokenizer.text_to_tokens(punc_norm(text))
+
+
+def test_long_lists_of_dropped_characters_are_cut():
+    from chatterbox.text import describe_chars
+
+    chars = [chr(0x4E00 + i) for i in range(25)]
+    shown = describe_chars(chars)
+    assert shown.count("U+") == 20 and shown.endswith("and 5 more")

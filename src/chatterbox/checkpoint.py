@@ -15,6 +15,8 @@ REPO_ID = "ResembleAI/chatterbox"
 CHECKPOINT_STEMS = ("ve", "t3_cfg", "s3gen")
 TOKENIZER_FILE = "tokenizer.json"
 CONDS_FILE = "conds.pt"
+# Written by scripts/make_synthetic_checkpoint.py next to weights that are not speech.
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
 # Deterministic S3Gen buffers that some published S3Gen checkpoints carry and others omit.
 OPTIONAL_S3GEN_KEYS = ("tokenizer._mel_filters", "tokenizer.window")
 
@@ -116,3 +118,8 @@ def find_checkpoint_file(ckpt_dir: str | Path, stem: str) -> Path:
         if candidate.is_file():
             return candidate
     raise CheckpointError(f"{ckpt_dir}: neither {stem}.safetensors nor {stem}.pt found")
+
+
+def is_synthetic_checkpoint(ckpt_dir: str | Path) -> bool:
+    """Whether ``ckpt_dir`` holds synthetic weights (it carries ``SYNTHETIC.txt``): they do not speak."""
+    return (Path(ckpt_dir) / SYNTHETIC_MARKER).is_file()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CONDS_FILE, TOKENIZER_FILE
+from .checkpoint import CONDS_FILE, SYNTHETIC_MARKER, TOKENIZER_FILE
 from .loader import build_models
 from .synthetic import NOT_SPEECH_WARNING, RECIPE_VERSION, state_dict_digest, synth_state_dict
 from .text_vocab import write_tokenizer_json
@@ -48,5 +48,5 @@ def write_synthetic_checkpoint(out_dir: str | Path, salt: int = 0, also_pt: bool
         with torch.inference_mode():
             conds = prepare_conditionals(loaded.s3gen, loaded.ve, synthetic_reference(), sample_rate=24000)
         conds.save(out_dir / CONDS_FILE)
-    (out_dir / "SYNTHETIC.txt").write_text(NOT_SPEECH_WARNING + "\n")
+    (out_dir / SYNTHETIC_MARKER).write_text(NOT_SPEECH_WARNING + "\n")
     return digests

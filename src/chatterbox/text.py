@@ -72,13 +72,42 @@ class EnTokenizer:
         if missing:
             raise ValueError(f"{path}: tokenizer lacks the special tokens {missing}")
         self.vocab_size = self.tokenizer.get_vocab_size()
+        unk = self.tokenizer.token_to_id(UNK)
+        self._unknown_ids = frozenset(() if unk is None else (unk,))
+        self._char_ok: dict[str, bool] = {}
 
     def encode(self, text: str) -> list[int]:
+        """Raw ids, as upstream: a character outside the vocabulary becomes ``[UNK]`` without a word.
+        The pipeline goes through ``text_to_tokens``, which checks the text first."""
         return self.tokenizer.encode(text.replace(" ", SPACE)).ids
 
     def text_to_tokens(self, text: str) -> torch.Tensor:
-        """(1, n) int32 ids, without start/stop tokens (as upstream)."""
+        """(1, n) int32 ids, without start/stop tokens (as upstream).
+
+        Characters the vocabulary cannot represent are dropped with a warning, and a ``ValueError``
+        is raised when nothing speakable is left (see ``check_encodable``); whitespace it lacks
+        (a newline in text that skipped ``punc_norm``) is read as a space.
+        """
+        text = check_encodable(text, self)
+        if any(c.isspace() and not self.can_encode(c) for c in set(text)):  # text that skipped punc_norm
+            text = "".join(" " if c.isspace() and not self.can_encode(c) else c for c in text)
         return torch.tensor(self.encode(text), dtype=torch.int32).unsqueeze(0)
+
+    def can_encode(self, char: str) -> bool:
+        """Whether one character maps to vocabulary symbols (not ``[UNK]``, not dropped)."""
+        ok = self._char_ok.get(char)
+        if ok is None:
+            if char == " ":
+                ok = True  # spelled [SPACE]
+            else:
+                ids = self.tokenizer.encode(char).ids
+                ok = bool(ids) and not self._unknown_ids.intersection(ids)
+            self._char_ok[char] = ok
+        return ok
+
+    def unencodable_chars(self, text: str) -> list[str]:
+        """The distinct characters of ``text`` the vocabulary cannot represent, in order of appearance."""
+        return [c for c in dict.fromkeys(text) if not self.can_encode(c)]
 
     def decode(self, ids) -> str:
         if isinstance(ids, torch.Tensor):
@@ -86,6 +115,47 @@ class EnTokenizer:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         text = text.replace(" ", "").replace(SPACE, " ")
         return text.replace(EOT, "").replace(UNK, "")
+
+
+ENGLISH_ONLY_NOTE = ("this model speaks English only; other languages need the multilingual Chatterbox "
+                     "model family, which chatterbox-fast does not support yet")
+_MAX_CHARS_LISTED = 20
+_REWRITTEN_CHARS = frozenset(old for old, _ in _PUNCTUATION_REWRITES if len(old) == 1)
+
+
+def describe_chars(chars) -> str:
+    """A readable list of characters: ``'你' (U+4F60), '😀' (U+1F600)``, cut after 20."""
+    chars = list(chars)
+    shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in chars[:_MAX_CHARS_LISTED])
+    if len(chars) > _MAX_CHARS_LISTED:
+        shown += f" and {len(chars) - _MAX_CHARS_LISTED} more"
+    return shown
+
+
+def check_encodable(text: str, tokenizer: EnTokenizer) -> str:
+    """``text`` without the characters ``tokenizer`` cannot represent (Chinese, emoji, other scripts),
+    which would otherwise become ``[UNK]`` ids and be "spoken" as noise.
+
+    Characters are judged after ``punc_norm``'s rewrites (curly quotes, dashes and ellipses become
+    ASCII there, so they are kept) and whitespace is left alone (``punc_norm`` collapses it), so
+    raw text may be checked before it is split. Dropped characters are named in one ``logging``
+    warning, with the spaces they leave behind tidied (runs collapsed, none before ``.,!?``).
+    Raises ``ValueError`` when no letter or digit is left. Other text is returned unchanged.
+    """
+    if not text:
+        return text
+    bad = [c for c in dict.fromkeys(text) if not c.isspace() and c not in _REWRITTEN_CHARS and not tokenizer.can_encode(c)]
+    if not bad:
+        return text
+    drop = set(bad)
+    out = "".join(c for c in text if c not in drop)
+    out = re.sub(r" +(?=[.,!?])", "", re.sub(r" {2,}", " ", out)).strip(" ")
+    if not any(c.isalnum() for c in out):
+        raise ValueError(f"nothing left to speak: the text's characters {describe_chars(bad)} are not in "
+                         f"the English tokenizer's vocabulary; {ENGLISH_ONLY_NOTE}")
+    log.warning("dropped %d character%s the English tokenizer cannot encode: %s (%s)", len(bad),
+                "" if len(bad) == 1 else "s", describe_chars(bad), ENGLISH_ONLY_NOTE)
+    return out
 
 
 @dataclass(frozen=True)
