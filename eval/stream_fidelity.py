@@ -19,13 +19,13 @@ from pathlib import Path
 
 import torch
 
-from chatterbox.legacy_stream import legacy_stream_chunks
 from chatterbox.models.s3gen.hift_stream import HiFTStreamer, StreamNoise
 from chatterbox.models.s3gen.s3gen import S3GenRef
 from chatterbox.models.s3gen.source import SourceNoise
-from chatterbox.parity.runner import ParityContext, load_fixture
-from chatterbox.parity.s3gen_loader import load_s3gen
 from chatterbox.streaming import FlowStreamConfig, flow_stream_step, init_flow_stream
+from tools.parity.legacy_stream import legacy_stream_chunks
+from tools.parity.runner import ParityContext, load_fixture
+from tools.parity.s3gen_loader import load_s3gen
 
 from .ab import environment
 from .stages import snr_db, spectral_snr_db

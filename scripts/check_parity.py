@@ -1,7 +1,11 @@
 #!/usr/bin/env python3
 """Run every parity fixture found in a directory against our implementation.
 
-    python scripts/check_parity.py --fixtures ../shared/parity/fixtures [--salt 0] [--ckpt DIR]
+    python scripts/check_parity.py --fixtures ../shared/parity/fixtures [--salt N] [--ckpt DIR]
+
+The harness lives in ``tools/parity`` (outside the installed package). Every call parameter, the
+synthetic-weights salt included, comes from each fixture's ``meta["params"]``; ``--salt`` overrides
+the salt of every fixture.
 
 Prints one line per compared tensor (``<fixture>/<tensor> max_abs=... tol=... ok|FAIL``), a
 ``skipped`` line for fixtures whose component is not implemented, and ends with
@@ -14,18 +18,33 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+# the library (src/) and the repository root, where the harness package ``tools.parity`` lives
+for _path in (ROOT / "src", ROOT):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
 
-from chatterbox.parity.runner import ComponentMissing, ParityContext, find_checker, load_fixture  # noqa: E402
+from tools.parity.runner import ComponentMissing, ParityContext, find_checker, load_fixture  # noqa: E402
+
+
+def _parse_opt(spec: str):
+    """``None`` for the reference configuration (nothing from ``chatterbox.optim`` is imported then),
+    else the parsed ``OptConfig``."""
+    if spec.strip() == "reference":
+        return None
+    from chatterbox.optim import OptConfig
+
+    opt = OptConfig.parse(spec)
+    return None if opt == OptConfig.reference() else opt
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fixtures", required=True, type=Path, help="directory of *.safetensors / *.json fixtures")
     ap.add_argument("--salt", type=int, default=None,
-                    help="synthetic-weights salt (default: the fixture's meta 'salt' if present, else 0)")
+                    help="synthetic-weights salt for every fixture (default: each fixture's meta['params']['salt'])")
     ap.add_argument("--ckpt", type=Path, default=None, help="load weights from this checkpoint directory instead")
     ap.add_argument("--opt", default="reference",
                     help="OptConfig preset or spec to run under, e.g. fast or 'reference+t3.dtype=bfloat16'; "
@@ -40,21 +59,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    from chatterbox.opt import OptConfig
-
     try:
-        opt = OptConfig.parse(args.opt)
-    except (TypeError, ValueError) as exc:
+        opt = _parse_opt(args.opt)
+    except (ImportError, TypeError, ValueError) as exc:
         print(f"error: --opt: {exc}", file=sys.stderr)
         return 2
-    reference = opt == OptConfig.reference()
-    spec = opt.to_spec()
+    reference = opt is None
+    spec = "reference" if reference else opt.to_spec()
     deviating = errors = 0
     only = {s for s in args.only.split(",") if s}
     paths = sorted(p for p in args.fixtures.iterdir() if p.suffix in (".safetensors", ".json"))
     paths = [p for p in paths if not only or p.stem in only]
     passed = failed = skipped = 0
-    contexts: dict[int, ParityContext] = {}
+    # One context: each checker binds it to its fixture (salt from meta['params'] unless --salt), and
+    # the models it caches are keyed by their weights, so fixtures of different salts never share one.
+    ctx = ParityContext(ckpt_dir=args.ckpt, salt=args.salt, opt=args.opt)
     for path in paths:
         checker = find_checker(path.stem)
         if checker is None:
@@ -62,8 +81,6 @@ def main(argv: list[str] | None = None) -> int:
             skipped += 1
             continue
         fixture = load_fixture(path)
-        salt = args.salt if args.salt is not None else int(fixture.meta.get("salt", 0))
-        ctx = contexts.setdefault(salt, ParityContext(ckpt_dir=args.ckpt, salt=salt, opt=args.opt))
         t0 = time.perf_counter()
         try:
             results = checker(fixture, ctx)

@@ -12,8 +12,8 @@ from chatterbox.models.s3gen.xvector import (
     campplus_features,
     kaldi_fbank,
 )
-from chatterbox.parity.runner import compare
 from chatterbox.synthetic import synthetic_module
+from tools.parity.runner import compare
 
 PREFIX = "speaker_encoder."
 

@@ -12,8 +12,8 @@ from conftest import DATA, load_fixture
 from chatterbox.checkpoint import load_strict
 from chatterbox.models.s3gen.cfm import CausalCFM, CFMConfig, cosine_timesteps
 from chatterbox.models.s3gen.decoder import ConditionalDecoder, ConditionalDecoderConfig
-from chatterbox.parity.runner import compare
 from chatterbox.synthetic import synth_state_dict
+from tools.parity.runner import compare
 
 RTOL, ATOL = 1e-4, 1e-5  # FIXTURES.md "accept" for est0_out, euler_x_in_steps_final, mel_final
 PROMPT_FRAMES = 101  # mel_len1 of the fixture: the output mel starts after the prompt frames

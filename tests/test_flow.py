@@ -18,8 +18,8 @@ from chatterbox.models.s3gen.conformer import (
 from chatterbox.models.s3gen.cfm import CFMConfig
 from chatterbox.models.s3gen.encoder import UpsampleConformerEncoder, UpsampleConformerEncoderConfig
 from chatterbox.models.s3gen.flow import FlowConfig, S3GenFlow
-from chatterbox.parity.runner import compare
 from chatterbox.synthetic import synth_state_dict
+from tools.parity.runner import compare
 
 RTOL, ATOL = 1e-4, 1e-5
 VOCAB = 6561

@@ -8,9 +8,9 @@ from conftest import load_fixture
 from chatterbox.models.s3gen.f0 import F0Predictor, F0PredictorConfig
 from chatterbox.models.s3gen.hift import HiFTConfig, HiFTGenerator, fold_weight_norm
 from chatterbox.models.s3gen.source import SourceNoise
-from chatterbox.parity import check_hift
-from chatterbox.parity.runner import ParityContext, compare
 from chatterbox.synthetic import synthetic_module
+from tools.parity import check_hift
+from tools.parity.runner import ParityContext, compare
 
 
 @pytest.fixture(autouse=True)

@@ -14,8 +14,8 @@ from chatterbox.models.s3gen.hift_stream import (
     receptive_field,
 )
 from chatterbox.models.s3gen.source import SourceNoise
-from chatterbox.parity.runner import ParityContext
 from chatterbox.synthetic import synthetic_module
+from tools.parity.runner import ParityContext
 
 # Achieved: ~2e-6 on the published config (float32 conv rounding on windows of other lengths), 0 on tiny.
 STREAM_ATOL = 1e-5

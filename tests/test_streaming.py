@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 
-from chatterbox.legacy_stream import legacy_stream_chunks
 from chatterbox.models.s3gen.hift_stream import HiFTStreamer, StreamNoise
 from chatterbox.models.s3gen.s3gen import S3Gen, S3GenRef
 from chatterbox.models.s3gen.source import SourceNoise
-from chatterbox.parity.runner import ParityContext
-from chatterbox.parity.s3gen_loader import load_s3gen
 from chatterbox.streaming import FlowStreamConfig, chunk_schedule, flow_stream_step, init_flow_stream
 from conftest import load_fixture
+from tools.parity.legacy_stream import legacy_stream_chunks
+from tools.parity.runner import ParityContext
+from tools.parity.s3gen_loader import load_s3gen
 
 
 @pytest.fixture(scope="module")

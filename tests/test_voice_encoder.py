@@ -12,8 +12,8 @@ from chatterbox.models.voice_encoder import (
     cut_partials,
     partial_layout,
 )
-from chatterbox.parity.runner import compare
 from chatterbox.synthetic import synthetic_module
+from tools.parity.runner import compare
 
 RTOL, ATOL = 1e-4, 1e-6  # FIXTURES.md accept tolerance for VE embeddings
 

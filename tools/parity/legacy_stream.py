@@ -10,9 +10,9 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .models.s3gen.s3gen import S3Gen, S3GenRef
-from .models.s3gen.source import SourceNoise
-from .text import drop_invalid_tokens
+from chatterbox.models.s3gen.s3gen import S3Gen, S3GenRef
+from chatterbox.models.s3gen.source import SourceNoise
+from chatterbox.text import drop_invalid_tokens
 
 
 def legacy_stream_chunks(s3gen: S3Gen, ref: S3GenRef, token_chunks: Iterable[torch.Tensor], context_window: int,

@@ -20,8 +20,10 @@ def _compare_valid_prefixes(name: str, tokens: torch.Tensor, lens: torch.Tensor,
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
-    from ..models.s3tokenizer import S3Tokenizer, S3TokenizerConfig
+    from chatterbox.models.s3tokenizer import S3Tokenizer, S3TokenizerConfig
 
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
+    max_len = int(fx.param("max_len"))  # tokens_maxlen: forward([wav16], max_len=max_len)
     with torch.device("meta"):
         tok = S3Tokenizer(S3TokenizerConfig.published())
     ctx.load(tok, "s3gen", prefix="tokenizer.")
@@ -34,7 +36,7 @@ def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
         mel = tok.log_mel(wav[None])
         hidden, _ = tok.encoder(mel, torch.tensor([mel.shape[-1]], device=mel.device))
         projected = tok.quantizer.project(hidden[0])
-        tokens_ml, lens_ml = tok([wav], max_len=20)
+        tokens_ml, lens_ml = tok([wav], max_len=max_len)
         tokens_b2, lens_b2 = tok([wav, wav_b])
 
     results.append(compare("tokens", tokens, fx["tokens"]))

@@ -8,8 +8,9 @@ from .s3gen_loader import load_s3gen
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
-    from ..audio import resample_torchaudio
+    from chatterbox.audio import resample_torchaudio
 
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     s3gen = load_s3gen(ctx)
     wav = fx["wav24"]
     ref = s3gen.embed_ref(wav, 24000)

@@ -1,4 +1,8 @@
-"""streaming_chunks.safetensors: upstream's re-synthesis streaming, reproduced by legacy_stream."""
+"""streaming_chunks.safetensors: upstream's re-synthesis streaming, reproduced by ``legacy_stream``.
+
+Chunking (``chunk_size``), the re-rendered context (``context_window``) and the fade-in
+(``fade_duration``, seconds) are the fixture's call parameters.
+"""
 from __future__ import annotations
 
 from .runner import Comparison, Fixture, ParityContext, compare
@@ -6,17 +10,21 @@ from .s3gen_loader import load_s3gen
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
-    from ..legacy_stream import legacy_stream_chunks
-    from ..models.s3gen.s3gen import S3GenRef
-    from ..models.s3gen.source import SourceNoise
+    from chatterbox.models.s3gen.s3gen import S3GenRef
+    from chatterbox.models.s3gen.source import SourceNoise
 
+    from .legacy_stream import legacy_stream_chunks
+
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     s3gen = load_s3gen(ctx)
     ref = S3GenRef(prompt_token=fx["ref_prompt_token"], prompt_token_len=fx["ref_prompt_token_len"],
                    prompt_feat=fx["ref_prompt_feat"], embedding=fx["ref_embedding"])
     tokens = fx["speech_tokens"]
-    chunk_size = int(fx.meta.get("chunk_size", 25))
-    context_window = int(fx.meta.get("context_window", 50))
-    fade = float(fx.meta.get("fade_duration", 0.02))
+    chunk_size = int(fx.param("chunk_size"))
+    context_window = int(fx.param("context_window"))
+    fade = float(fx.param("fade_duration"))
+    if chunk_size <= 0:
+        raise ValueError(f"fixture {fx.stem!r}: chunk_size must be positive, got {chunk_size}")
     pieces = [tokens[i:i + chunk_size] for i in range(0, tokens.shape[0], chunk_size)]
     chunks = legacy_stream_chunks(s3gen, ref, pieces, context_window, fade, fx["cfm_noise"],
                                   source_noise=lambda n: SourceNoise.zeros(1, n, device=s3gen.device))

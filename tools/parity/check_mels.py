@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from ..audio import (S3GenMelConfig, VEMelConfig, resample_soxr, resample_torchaudio, s3gen_mel_spectrogram,
+from chatterbox.audio import (S3GenMelConfig, VEMelConfig, resample_soxr, resample_torchaudio, s3gen_mel_spectrogram,
                      trim_silence, ve_mel_spectrogram)
-from ..dsp import periodic_hann, slaney_mel_filterbank
+from chatterbox.dsp import periodic_hann, slaney_mel_filterbank
+
 from .runner import Comparison, Fixture, ParityContext, compare
 
 # FIXTURES.md accept tolerance for every `mels.*` tensor (trim indices are exact).
@@ -27,7 +28,7 @@ def _optional_comparisons(fx: Fixture) -> list[Comparison]:
     out: list[Comparison] = []
     wav16 = fx["wav16"]
     try:
-        from ..models.s3tokenizer import log_mel_spectrogram
+        from chatterbox.models.s3tokenizer import log_mel_spectrogram
     except (ImportError, AttributeError):
         log_mel_spectrogram = None
     if log_mel_spectrogram is not None:
@@ -35,7 +36,7 @@ def _optional_comparisons(fx: Fixture) -> list[Comparison]:
         logmel = log_mel_spectrogram(wav16[None], filters, periodic_hann(S3TOK_N_FFT))
         out.append(compare("s3tok_logmel_16k", logmel, fx["s3tok_logmel_16k"], FEAT_RTOL, FEAT_ATOL))
     try:
-        from ..models.s3gen.xvector import campplus_features, kaldi_fbank
+        from chatterbox.models.s3gen.xvector import campplus_features, kaldi_fbank
     except (ImportError, AttributeError):
         return out
     out.append(compare("kaldi_fbank_raw", kaldi_fbank(wav16), fx["kaldi_fbank_raw"], FEAT_RTOL, FEAT_ATOL))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ..models.s3gen.hift import HiFTConfig, HiFTGenerator, fold_weight_norm
-from ..models.s3gen.source import SourceNoise
+from chatterbox.models.s3gen.hift import HiFTConfig, HiFTGenerator, fold_weight_norm
+from chatterbox.models.s3gen.source import SourceNoise
+
 from .runner import Comparison, Fixture, ParityContext, compare
 
 F0_TOL = dict(rtol=1e-4, atol=1e-3)
@@ -31,6 +32,7 @@ def build(ctx: ParityContext) -> HiFTGenerator:
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     hift = build(ctx)
     dev = ctx.device
     mel = fx["mel"].to(dev)

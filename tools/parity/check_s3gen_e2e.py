@@ -6,9 +6,10 @@ from .s3gen_loader import load_s3gen
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
-    from ..models.s3gen.s3gen import S3GenRef
-    from ..models.s3gen.source import SourceNoise
+    from chatterbox.models.s3gen.s3gen import S3GenRef
+    from chatterbox.models.s3gen.source import SourceNoise
 
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     s3gen = load_s3gen(ctx)
     ref = S3GenRef(prompt_token=fx["ref_prompt_token"], prompt_token_len=fx["ref_prompt_token_len"],
                    prompt_feat=fx["ref_prompt_feat"], embedding=fx["ref_embedding"])

@@ -1,15 +1,17 @@
-"""One full S3Gen per parity context, shared by the fixtures that need the whole model."""
+"""One full S3Gen per set of weights, shared by the fixtures of a parity run that need the whole model."""
 from __future__ import annotations
 
 from .runner import ComponentMissing, ParityContext
 
 
 def load_s3gen(ctx: ParityContext):
-    cached = ctx.cache.get("s3gen_model")
+    """The full S3Gen for ``ctx``'s weights (salt or checkpoint), built once and kept in ``ctx.cache``."""
+    key = ctx.cache_key("s3gen_model")
+    cached = ctx.cache.get(key)
     if cached is not None:
         return cached
     try:
-        from ..models.s3gen.s3gen import S3Gen
+        from chatterbox.models.s3gen.s3gen import S3Gen
     except ImportError as exc:
         raise ComponentMissing(f"S3Gen not assembled yet: {exc}") from exc
     import torch
@@ -17,5 +19,5 @@ def load_s3gen(ctx: ParityContext):
     with torch.device("meta"):
         model = S3Gen()
     model = ctx.load(model, "s3gen")
-    ctx.cache["s3gen_model"] = model
+    ctx.cache[key] = model
     return model

@@ -11,8 +11,9 @@ ATOL = 1e-6
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
-    from ..models.s3gen.xvector import CAMPPlus, CAMPPlusConfig, campplus_features
+    from chatterbox.models.s3gen.xvector import CAMPPlus, CAMPPlusConfig, campplus_features
 
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     with torch.device("meta"):
         model = CAMPPlus(CAMPPlusConfig.published())
     ctx.load(model, "s3gen", prefix="speaker_encoder.")

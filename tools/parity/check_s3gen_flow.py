@@ -16,7 +16,7 @@ ATOL = 1e-5
 
 def _build(ctx: ParityContext):
     try:
-        from ..models.s3gen.flow import FlowConfig, S3GenFlow
+        from chatterbox.models.s3gen.flow import FlowConfig, S3GenFlow
     except ImportError as exc:  # the CFM / estimator modules are written separately
         raise ComponentMissing(f"S3Gen flow not importable: {exc}") from exc
     with torch.device("meta"):
@@ -25,6 +25,7 @@ def _build(ctx: ParityContext):
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     flow = _build(ctx)
     dev = ctx.device
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..text import drop_invalid_tokens, punc_norm
+from chatterbox.text import drop_invalid_tokens, punc_norm
+
 from .runner import Comparison, Fixture, ParityContext
 
 _TTS_VARIANT = "s3tokenizer.drop_invalid_tokens (used by tts.py)"

@@ -11,7 +11,7 @@ from .s3gen_loader import load_s3gen
 
 
 def _load_ve(ctx: ParityContext):
-    from ..models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+    from chatterbox.models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
 
     with torch.device("meta"):
         ve = VoiceEncoder(VoiceEncoderConfig.published())
@@ -21,11 +21,12 @@ def _load_ve(ctx: ParityContext):
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
     import soundfile as sf
 
-    from ..voice import prepare_conditionals
+    from chatterbox.voice import prepare_conditionals
 
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     s3gen = load_s3gen(ctx)
     ve = _load_ve(ctx)
-    exaggeration = float(fx.meta.get("exaggeration", 0.5))
+    exaggeration = float(fx.param("exaggeration"))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "reference.wav"
         # upstream was handed the file path of this float32 24 kHz WAV

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+from chatterbox.models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+
 from .runner import Comparison, Fixture, ParityContext, compare
 
 # FIXTURES.md accept tolerance for VE embeddings.
@@ -13,6 +14,7 @@ FIXTURE_SR = 16000
 
 
 def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     with torch.device("meta"):
         ve = VoiceEncoder(VoiceEncoderConfig.published())
     ctx.load(ve, "ve", prefix="")

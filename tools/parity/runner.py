@@ -1,23 +1,26 @@
 """Compare our components with upstream's recorded outputs (the parity fixtures).
 
-Each fixture stem has a checker module ``chatterbox.parity.check_<stem>`` exposing
+Each fixture stem has a checker module ``tools.parity.check_<stem>`` exposing
 ``check(fixture: Fixture, ctx: ParityContext) -> list[Comparison]``. A checker whose component
 does not exist yet raises ``ComponentMissing`` (or its import fails), and the fixture is skipped.
+
+A fixture set is defined by its files alone: every call parameter a checker needs (the weights salt
+included) is read from the fixture's ``meta["params"]`` through ``Fixture.param``, never assumed.
 """
 from __future__ import annotations
 
 import importlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..checkpoint import OPTIONAL_S3GEN_KEYS, find_checkpoint_file, load_strict, read_state_dict
-from ..synthetic import synth_state_dict
+from chatterbox.checkpoint import OPTIONAL_S3GEN_KEYS, find_checkpoint_file, load_strict, read_state_dict
+from chatterbox.synthetic import synth_state_dict
 
 # Accept tolerances of the parity kit: max|a-b| <= atol + rtol * max|ref|.
 DEFAULT_RTOL = 1e-4
@@ -36,6 +39,23 @@ class Fixture:
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[name]
+
+    @property
+    def params(self) -> dict:
+        """The call parameters upstream was run with (``meta["params"]``; empty when absent)."""
+        params = self.meta.get("params", {})
+        if not isinstance(params, dict):
+            raise ValueError(f"fixture {self.stem!r}: meta['params'] is {type(params).__name__}, not an object")
+        return params
+
+    def param(self, name: str):
+        """The call parameter ``name`` of this fixture; a ``ValueError`` naming both when it is missing."""
+        params = self.params
+        if name not in params:
+            have = ", ".join(sorted(params)) or "none"
+            raise ValueError(f"fixture {self.stem!r} has no call parameter {name!r} in meta['params'] "
+                             f"(present: {have}); regenerate it with a generator that records its parameters")
+        return params[name]
 
 
 @dataclass
@@ -91,39 +111,69 @@ def snr_db(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return 10.0 * math.log10(sig / err)
 
 
+# Weights salt of a context used without any fixture (direct use in tests): the recipe's default.
+UNBOUND_SALT = 0
+
+
 @dataclass
 class ParityContext:
-    """Where checkers get weights: a checkpoint directory, or synthetic weights with a salt."""
+    """Where checkers get weights: a checkpoint directory, or synthetic weights with a salt.
+
+    ``salt=None`` (the default) takes the salt from the fixture the context is bound to
+    (``for_fixture``, which every checker calls), so each fixture gets the weights it was made with;
+    an explicit ``salt`` overrides every fixture's. Models kept in ``cache`` are keyed by the weights
+    they hold (``cache_key``), so fixtures with different salts never share a model.
+    """
 
     ckpt_dir: Path | None = None
-    salt: int = 0
+    salt: int | None = None
     device: str = "cpu"
     # An OptConfig preset or spec (``OptConfig.parse``); applied to every module ``load`` builds.
     opt: str = "reference"
-    cache: dict = field(default_factory=dict)  # models shared by several fixtures
+    cache: dict = field(default_factory=dict)  # models shared by several fixtures, keyed by ``cache_key``
+    fixture: Fixture | None = field(default=None, repr=False)
+
+    def for_fixture(self, fx: Fixture) -> ParityContext:
+        """This context bound to ``fx`` (its weights salt unless one was given); the cache is shared."""
+        return replace(self, fixture=fx)
+
+    @property
+    def weights_salt(self) -> int:
+        """The synthetic-weights salt: explicit, else the bound fixture's ``salt`` parameter."""
+        if self.salt is not None:
+            return int(self.salt)
+        if self.fixture is not None:
+            return int(self.fixture.param("salt"))
+        return UNBOUND_SALT
+
+    def cache_key(self, name: str) -> tuple:
+        """Key of model ``name`` in ``cache``: which weights and which OptConfig it was built with."""
+        weights = ("ckpt", str(self.ckpt_dir)) if self.ckpt_dir is not None else ("salt", self.weights_salt)
+        return (name, weights, self.opt, self.device)
 
     @property
     def is_reference(self) -> bool:
-        from ..opt import OptConfig
+        if self.opt.strip() == "reference":
+            return True  # the reference run never imports the optimisation package
+        from chatterbox.optim import OptConfig
 
         return OptConfig.parse(self.opt) == OptConfig.reference()
 
     def load(self, module: nn.Module, stem: str, prefix: str = "") -> nn.Module:
         """Strictly load the ``prefix`` part of checkpoint ``stem`` (ve, t3_cfg, s3gen) into ``module``,
-        then apply the context's OptConfig to the components it contains."""
+        then apply the context's OptConfig to it."""
         optional = [k[len(prefix):] for k in OPTIONAL_S3GEN_KEYS if stem == "s3gen" and k.startswith(prefix)]
         if self.ckpt_dir is not None:
             state = read_state_dict(find_checkpoint_file(self.ckpt_dir, stem), prefix)
         else:
-            state = synth_state_dict(module.state_dict(), prefix=prefix, salt=self.salt)
+            state = synth_state_dict(module.state_dict(), prefix=prefix, salt=self.weights_salt)
         load_strict(module, state, f"{stem}[{prefix or '*'}]", optional=optional)
         module = module.to(self.device).eval()
         if not self.is_reference:
-            from ..opt import OptConfig
-            from ..passes import apply_to_components, find_components
+            from chatterbox.optim import OptConfig, apply_passes
 
-            # No OptState is kept: these modules are never switched back.
-            apply_to_components(find_components(module), OptConfig.parse(self.opt))
+            # Transforms in place; these modules are never switched back.
+            module = apply_passes(module, OptConfig.parse(self.opt))
         return module
 
 
@@ -147,9 +197,10 @@ def load_fixture(path: Path) -> Fixture:
 
 def find_checker(stem: str) -> Callable | None:
     try:
-        mod = importlib.import_module(f"chatterbox.parity.check_{stem}")
+        mod = importlib.import_module(f"tools.parity.check_{stem}")
     except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("chatterbox"):
+        # no checker for this stem, or the library part it checks is not written yet
+        if exc.name and (exc.name == f"tools.parity.check_{stem}" or exc.name.startswith("chatterbox")):
             return None
         raise
     return getattr(mod, "check", None)

@@ -8,8 +8,8 @@ import torch
 from .runner import Comparison, Fixture, ParityContext, compare
 
 if TYPE_CHECKING:
-    from ..models.t3.cond import T3Cond
-    from ..models.t3.t3 import T3
+    from chatterbox.models.t3.cond import T3Cond
+    from chatterbox.models.t3.t3 import T3
 
 # FIXTURES.md accept tolerance for every T3 float tensor of this fixture.
 RTOL = 1e-4
@@ -18,7 +18,7 @@ ATOL = 1e-5
 
 def load_t3(ctx: ParityContext) -> T3:
     """The published-size T3, built on meta and materialised by ``ctx.load`` (about 2.1 GB in fp32)."""
-    from ..models.t3.t3 import T3, T3Config
+    from chatterbox.models.t3.t3 import T3, T3Config
 
     with torch.device("meta"):
         model = T3(T3Config.published())
@@ -26,7 +26,7 @@ def load_t3(ctx: ParityContext) -> T3:
 
 
 def fixture_cond(fx: Fixture, device: str) -> T3Cond:
-    from ..models.t3.cond import T3Cond
+    from chatterbox.models.t3.cond import T3Cond
 
     return T3Cond(speaker_emb=fx["speaker_emb"], cond_prompt_speech_tokens=fx["cond_prompt_speech_tokens"],
                   emotion_adv=fx["emotion_adv"]).to(device)
@@ -34,6 +34,7 @@ def fixture_cond(fx: Fixture, device: str) -> T3Cond:
 
 def check(fx: Fixture, ctx: ParityContext, t3: T3 | None = None) -> list[Comparison]:
     """``t3``: an already loaded published-size model (tests share one); loaded from ``ctx`` if None."""
+    ctx = ctx.for_fixture(fx)  # the weights this fixture was made with
     t3 = load_t3(ctx) if t3 is None else t3
     cond = fixture_cond(fx, ctx.device)
     text = fx["text_tokens"].to(ctx.device)
