@@ -8,6 +8,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # the parity harness, ``tools.parity``, lives outside the package
 
 FIXTURES = ROOT / "tests" / "fixtures"
 DATA = ROOT / "tests" / "data"
@@ -20,7 +21,7 @@ def fixtures_dir() -> Path:
 
 
 def load_fixture(stem: str):
-    from chatterbox.parity.runner import load_fixture as _load
+    from tools.parity.runner import load_fixture as _load
 
     suffix = ".json" if stem == "text_and_token_utils" else ".safetensors"
     return _load(FIXTURES / f"{stem}{suffix}")
@@ -58,3 +59,48 @@ def synthetic_tts():
 
     torch.set_num_threads(2)
     return ChatterboxTTS.from_synthetic("cpu", opt=OptConfig.reference().replace(cfm_steps=2))
+
+
+def make_tiny_tts(opt=None, device: str = "cpu", seed: int = 0):
+    """The whole pipeline with tiny random models and the published vocabularies (``build_tiny_models``):
+    runs end to end in seconds on a CPU. Its audio means nothing; it checks the machinery."""
+    import tempfile
+
+    from chatterbox import ChatterboxTTS
+    from chatterbox.loader import build_tiny_models
+    from chatterbox.text import EnTokenizer
+    from chatterbox.text_vocab import write_tokenizer_json
+    from chatterbox.voice import synthetic_reference
+
+    models = build_tiny_models(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = EnTokenizer(write_tokenizer_json(Path(tmp) / "tokenizer.json"))
+    tts = ChatterboxTTS(models.t3, models.s3gen, models.ve, tokenizer, device, opt=opt)
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=24000)
+    return tts
+
+
+@pytest.fixture(scope="session")
+def tiny_tts():
+    return make_tiny_tts()
+
+
+def _needs_cuda(item) -> bool:
+    for mark in item.iter_markers("skipif"):
+        reason = str(mark.kwargs.get("reason", "")) + " ".join(str(a) for a in mark.args)
+        if "cuda" in reason.lower():
+            return True
+    return item.name.startswith("test_gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs CUDA carries the ``gpu`` marker (so ``pytest -m gpu`` runs them all on a
+    GPU machine); a CUDA test without it is a collection error. Without CUDA, ``gpu`` tests skip."""
+    unmarked = [item.nodeid for item in items if _needs_cuda(item) and item.get_closest_marker("gpu") is None]
+    if unmarked:
+        raise pytest.UsageError("tests that need CUDA must carry @pytest.mark.gpu: " + ", ".join(unmarked))
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA (gpu marker)")
+        for item in items:
+            if item.get_closest_marker("gpu") is not None:
+                item.add_marker(skip)

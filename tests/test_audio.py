@@ -20,7 +20,7 @@ from chatterbox.audio import (
     trim_silence,
     ve_mel_spectrogram,
 )
-from chatterbox.parity.runner import compare
+from tools.parity.runner import compare
 
 RTOL, ATOL = 1e-4, 1e-5  # FIXTURES.md accept tolerance for `mels.*`
 
@@ -49,7 +49,8 @@ def test_s3gen_mel_parity_and_shapes(mels):
     batch = torch.stack([wav24, wav24.flip(0)])
     out = s3gen_mel_spectrogram(batch)
     assert out.shape == (2, 80, 150)
-    torch.testing.assert_close(out[0], mels["s3gen_mel_24k"][0], rtol=0, atol=1e-5)
+    # a batch of two takes other FFT code paths on some CPUs: equal to FIXTURES.md's feature tolerance
+    torch.testing.assert_close(out[0], mels["s3gen_mel_24k"][0], rtol=1e-4, atol=1e-5)
 
 
 def test_s3gen_mel_accepts_prebuilt_basis_and_works_in_inference_mode(mels):

@@ -23,7 +23,7 @@ from chatterbox.models.s3gen.s3gen import S3Gen, S3GenConfig
 from chatterbox.models.s3gen.xvector import CAMPPlus, CAMPPlusConfig, campplus_features
 from chatterbox.models.s3tokenizer import S3TokenizerConfig
 from chatterbox.models.voice_encoder import DEFAULT_TRIM_TOP_DB, VoiceEncoder, VoiceEncoderConfig
-from chatterbox.transfer import host_to_device
+from chatterbox.nn.transfer import host_to_device
 from chatterbox.voice import VoiceConfig, prepare_conditionals, synthetic_reference
 
 SR24, SR16 = 24000, 16000

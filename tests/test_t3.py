@@ -38,8 +38,8 @@ def tiny_text(n: int = 9, seed: int = 0) -> torch.Tensor:
 # ------------------------------------------------------------------------ full-size parity
 @pytest.fixture(scope="module")
 def published_t3():
-    from chatterbox.parity.check_t3_forward import load_t3
-    from chatterbox.parity.runner import ParityContext
+    from tools.parity.check_t3_forward import load_t3
+    from tools.parity.runner import ParityContext
 
     ctx = ParityContext()
     model = load_t3(ctx)
@@ -50,7 +50,7 @@ def published_t3():
 
 @pytest.mark.full_size
 def test_forward_parity(published_t3):
-    from chatterbox.parity.check_t3_forward import check
+    from tools.parity.check_t3_forward import check
 
     ctx, model = published_t3
     results = check(load_fixture("t3_forward"), ctx, t3=model)
@@ -60,7 +60,7 @@ def test_forward_parity(published_t3):
 
 @pytest.mark.full_size
 def test_inference_steps_parity(published_t3):
-    from chatterbox.parity.check_t3_inference_steps import check
+    from tools.parity.check_t3_inference_steps import check
 
     ctx, model = published_t3
     results = check(load_fixture("t3_inference_steps"), ctx, t3=model)

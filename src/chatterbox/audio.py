@@ -18,12 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .constants import S3_SR, S3GEN_SR
 from .dsp import periodic_hann, slaney_mel_filterbank
 
 log = logging.getLogger(__name__)
 
-S3GEN_SR = 24000
-S3_SR = 16000
 
 # The S3Gen mel floors the magnitude under the square root and the mel before the log.
 _S3GEN_MAG_EPS = 1e-9

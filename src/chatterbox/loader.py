@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from .checkpoint import (CHECKPOINT_STEMS, CONDS_FILE, OPTIONAL_S3GEN_KEYS, REPO_ID, TOKENIZER_FILE,
-                         CheckpointError, find_checkpoint_file, load_strict, read_state_dict)
+                         CheckpointError, find_checkpoint_file, is_synthetic_checkpoint, load_strict,
+                         read_state_dict)
 from .models.s3gen.hift import fold_weight_norm
 from .models.s3gen.s3gen import S3Gen, S3GenConfig
 from .models.t3.t3 import T3, T3Config
 from .models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
-from .synthetic import synth_state_dict
+from .synthetic import NOT_SPEECH_WARNING, synth_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ def build_models() -> Models:
                       ve=VoiceEncoder(VoiceEncoderConfig.published()))
 
 
+def build_tiny_models(seed: int = 0) -> Models:
+    """Every model small and randomly initialised (``seed``), with the published vocabularies and mel,
+    so the whole pipeline runs end to end in seconds: for tests, never for audio."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        ve = VoiceEncoder(VoiceEncoderConfig.tiny())
+        models = Models(t3=T3(T3Config.tiny_pipeline(ve.cfg.embed_size)), s3gen=S3Gen(S3GenConfig.tiny()), ve=ve)
+    for module in (models.ve, models.t3, models.s3gen):
+        _finish(module, torch.device("cpu"))
+    return models
+
+
 def _finish(module: nn.Module, device: torch.device) -> nn.Module:
     """Inference-ready: no parameter requires grad (so plain autograd mode records nothing), eval
     mode, weight norm folded into plain weights (equal within float rounding, and cheaper)."""
@@ -59,6 +72,8 @@ def load_models_from_dir(ckpt_dir: str | Path, device: torch.device) -> Models:
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {ckpt_dir}")
+    if is_synthetic_checkpoint(ckpt_dir):
+        log.warning("%s: %s", ckpt_dir, NOT_SPEECH_WARNING)
     models = build_models()
     for stem, module in (("ve", models.ve), ("t3_cfg", models.t3), ("s3gen", models.s3gen)):
         path = find_checkpoint_file(ckpt_dir, stem)

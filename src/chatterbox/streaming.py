@@ -53,7 +53,7 @@ def init_flow_stream(s3gen: S3Gen, ref: S3GenRef) -> FlowStreamState:
 
 def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_tokens: torch.Tensor,
                      cfm_noise: torch.Tensor, cfg: FlowStreamConfig, final: bool = False,
-                     n_timesteps: int | None = None, estimator=None) -> tuple[torch.Tensor, FlowStreamState]:
+                     n_timesteps: int | None = None) -> tuple[torch.Tensor, FlowStreamState]:
     """Add valid speech codes ``new_tokens`` (M,) -> (mel frames now ready (1, 80, k), new state)."""
     if state.finished:
         raise RuntimeError("flow stream already finished")
@@ -80,8 +80,7 @@ def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_to
     shift = ratio * context_start  # absolute frame = local frame + shift, for frames after the prompt
     noise = torch.cat([cfm_noise[:, :, :prompt_frames],
                        cfm_noise[:, :, prompt_frames + shift:prompt_frames + ratio * n_tokens]], dim=2)
-    mel = s3gen.flow_inference(window, ref, cfm_noise=noise, n_timesteps=n_timesteps,
-                               estimator=estimator)  # local frames [F, ...)
+    mel = s3gen.flow_inference(window, ref, cfm_noise=noise, n_timesteps=n_timesteps)  # local frames [F, ...)
     start = state.emitted_frame - shift - prompt_feat_frames
     stop = emit_to - shift - prompt_feat_frames
     return mel[:, :, start:stop], new_state

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .constants import S3_SR
 from .dsp import periodic_hann, slaney_mel_filterbank
 
 RECIPE_VERSION = 1
@@ -48,7 +49,7 @@ def _standard_normal(key: str, shape: tuple[int, ...], salt: int) -> torch.Tenso
 
 def _fixed_buffer(key: str) -> torch.Tensor | None:
     if key == "tokenizer._mel_filters":
-        return slaney_mel_filterbank(16000, 400, 128)
+        return slaney_mel_filterbank(S3_SR, 400, 128)
     if key == "tokenizer.window":
         return periodic_hann(400)
     return None

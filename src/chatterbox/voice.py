@@ -8,19 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .constants import S3_SR, S3GEN_SR
 from .audio import load_reference, resample_soxr, trim_silence
 from .conditionals import Conditionals
 from .models.s3gen.s3gen import S3Gen
 from .models.t3.cond import T3Cond
-from .models.voice_encoder import DEFAULT_TRIM_TOP_DB, VoiceEncoder
+from .models.voice_encoder import DEFAULT_TRIM_TOP_DB, VoiceEncoder, pool_partial_embeds
 from .timing import StageTimer
-from .transfer import host_to_device
+from .nn.transfer import host_to_device
 
 
 @dataclass(frozen=True)
 class VoiceConfig:
-    s3gen_sample_rate: int = 24000
-    tokenizer_sample_rate: int = 16000
+    s3gen_sample_rate: int = S3GEN_SR
+    tokenizer_sample_rate: int = S3_SR
     # S3Gen sees at most 10 s of reference; T3's speech prompt comes from the first 6 s.
     s3gen_reference_seconds: float = 10.0
     t3_reference_seconds: float = 6.0
@@ -63,12 +64,13 @@ def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path
         # as ve.embeds_from_wavs([ref_16k], 16 kHz): trim, mel, partial embeddings, averaged
         ve_mel = ve.mel(wav_16k[start:end].to(ve.mel_filters.device))
     with timer.stage("ve.net"):
-        speaker = ve.embeds_from_mels([ve_mel]).mean(0, keepdim=True)
+        partials, counts = ve.partial_mels([ve_mel])
+        speaker = pool_partial_embeds(ve(partials), counts).mean(0, keepdim=True)
     with timer.stage("t3.tokenizer"):
         t3_prompt = wav_16k[: int(cfg.t3_reference_seconds * cfg.tokenizer_sample_rate)]
         prompt_tokens, _ = s3gen.tokenizer([t3_prompt], max_len=cfg.t3_prompt_tokens)  # (1, <=150)
     s3gen_ref = s3gen.embed_ref(ref_24k[: int(cfg.s3gen_reference_seconds * cfg.s3gen_sample_rate)],
-                                cfg.s3gen_sample_rate, timer=timer)
+                                cfg.s3gen_sample_rate, stage=timer.stage)
     with timer.stage("assemble"):
         t3_cond = T3Cond(
             speaker_emb=speaker.to(device),
@@ -79,7 +81,7 @@ def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path
     return conds
 
 
-def synthetic_reference(seconds: float = 4.0, sample_rate: int = 24000, seed: int = 0) -> np.ndarray:
+def synthetic_reference(seconds: float = 4.0, sample_rate: int = S3GEN_SR, seed: int = 0) -> np.ndarray:
     """A deterministic, voice-like test signal (gliding harmonics, syllable-rate envelope, breath noise).
 
     It stands in for a reference recording where none exists (the built-in voice of the synthetic

@@ -1,27 +1,32 @@
-"""One decode step of Llama attention in one or two Triton kernels: rotary + cache write + split-KV attention.
+"""One decode step of Llama attention as Triton kernels: rotary + cache write + split-KV attention.
 
-T3 decodes one position at a time (a CFG pair of 2 rows, 16 heads of 64). The reference path spends
-four launches a layer on that: the rotary kernel, ``index_copy_`` of the new key/value into the
-cache, an additive mask, and an SDPA kernel that is built for long queries. This module does it in
-one kernel (two without ``counters``) that reads the raw q/k/v projection output:
+T3 decodes one position at a time per request (a CFG pair of 2 rows, 16 heads of 64). The reference
+path spends four launches a layer on that: rotary, ``index_copy_`` of the new key/value into the cache,
+an additive mask, and an SDPA kernel built for long queries. Here it takes two launches:
 
-* ``_partial_kernel``, grid (B * H, splits): rotates q and the new k of its head (the rotary halves
-  are handled as two D/2 vectors, as ``rotate_half``), walks its split of the cache window in
-  ``block_l`` slots with an online softmax, and writes an fp32 partial (running max, sum, weighted
-  values). The slot at ``position`` takes the new key/value from registers, not from the cache,
-  and the program that owns that slot for the first head of each kv group writes the rotated key
-  and the value into the cache, so no program depends on another's write.
-* the merge of a head's splits, in a fixed order (deterministic), into the (B, H * D) layout the
-  output projection reads: done by the head's last split program to finish when the caller passes
-  zeroed ``counters`` (an atomic count per head; its acquire makes the other splits' partials
-  visible), else by ``_combine_kernel``, grid (B * H,), a second launch.
+* ``_partial_kernel``, grid (rows * H, splits): rotates q and the new k of its head (the rotary
+  halves handled as two D/2 vectors, as ``nn.rotary.rotate_half``), walks its split of the cache
+  window in ``block_l`` slots with an online softmax and writes an fp32 partial (running max, sum,
+  weighted values). The slot at the row's position takes the new key/value from registers, not from
+  the cache, and the program owning that slot for the first head of each kv group writes the rotated
+  key and the value into the cache, so no program depends on another's write. No load waits for
+  the position: every split loads its slots and masks the scores after the position (splits wholly
+  after it contribute nothing).
+* ``_combine_kernel``, grid (rows * H,): merges a head's splits in split order (deterministic) into
+  the (rows, H * D) layout the output projection reads.
 
-``position`` is read on the device, so one launch (or one CUDA-graph capture) serves every position
-of a cache window. No load waits for it: every split loads its slots and masks the scores of slots
-after ``position`` (splits wholly after it contribute nothing), which keeps one DRAM round trip off
-the critical path; the slot at ``position`` may be read stale by another head's program, which
-replaces it from registers. Softmax statistics and the value sum
-are fp32; q and the rotated key are rounded to the activation dtype as the reference does.
+Two ways to name the cache:
+
+* ``decode_attention``: one request's cache window as a tensor (2, rows, KVH, L, D) and one position
+  for all its rows (the eager path);
+* ``decode_attention_table``: a batch of requests, each with its own cache allocation, found through
+  a ``CacheTable`` (per request: the address and length of its stacked cache, and its position), all
+  read on the device. One launch, and so one CUDA-graph capture, serves any set of requests whose
+  positions fit the launch's window: this is how the engine's captured decode step reads the KV cache
+  of whichever requests it is replayed for.
+
+Softmax statistics and the value sum are fp32; q and the rotated key are rounded to the activation
+dtype as the reference does.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..nn.rotary import apply_rotary
+
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Running-max start: finite, so a split with no live slot keeps alpha = exp(0) and p = 0 (no NaN).
 _NO_SCORE = tl.constexpr(-1.0e30)
@@ -39,17 +46,13 @@ _NO_SCORE = tl.constexpr(-1.0e30)
 
 @dataclass(frozen=True)
 class DecodeAttentionConfig:
-    """split_len: cache slots per program (a multiple of block_l); block_l: slots per inner tile;
-    single_pass_max_len: windows up to this many slots run as one split per head (no combine kernel)."""
+    """split_len: cache slots per program (a multiple of block_l); block_l: slots per inner tile."""
 
     split_len: int = 32
     block_l: int = 32
     num_warps: int = 2
-    single_pass_max_len: int = 0
 
     def __post_init__(self) -> None:
-        if self.single_pass_max_len < 0:
-            raise ValueError("single_pass_max_len must be >= 0")
         for name in ("split_len", "block_l", "num_warps"):
             v = getattr(self, name)
             if v < 1 or v & (v - 1):
@@ -61,38 +64,60 @@ class DecodeAttentionConfig:
 DEFAULT_CONFIG = DecodeAttentionConfig()
 
 
+@dataclass(frozen=True)
+class CacheTable:
+    """Where each request's KV cache is, for ``decode_attention_table`` (all on the device).
+
+    Request i's cache is one contiguous tensor (layers, 2, rows, KVH, length[i], D) (keys then
+    values; ``allocate_stacked_cache``) starting at address ``ptr[i]``; ``position[i]`` is the slot its
+    new token is written to and attends up to. Batch row r of the kernel belongs to request r // rows.
+    """
+
+    ptr: Tensor  # (S,) int64 data_ptr of each request's cache
+    length: Tensor  # (S,) int64 slots of each request's cache
+    position: Tensor  # (S,) int64
+
+
 @triton.jit
-def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos_ptr, part_ptr, stat_ptr, final_ptr, count_ptr, s_ob,
-                    L, sm_scale, s_qb, s_qh, s_c2, s_cb, s_ch, s_cl,
+def _partial_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, ptr_table, len_table, pos_ptr, part_ptr, stat_ptr,
+                    final_ptr, s_ob, L, layer, sm_scale, s_qb, s_qh, s_c2, s_cb, s_ch, s_cl,
                     H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr,
-                    SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr, MERGE_HERE: tl.constexpr,
-                    SPLITS_POW2: tl.constexpr):
+                    SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr, ROWS: tl.constexpr, TABLE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H
     h = bh % H
-    pos = tl.load(pos_ptr)
+    if TABLE:
+        req = b // ROWS
+        pos = tl.load(pos_ptr + req)
+        L = tl.load(len_table + req)
+        s_cl = 2 * HALF
+        s_ch = L * s_cl
+        s_cb = KVH * s_ch
+        s_c2 = ROWS * s_cb
+        base = tl.load(ptr_table + req).to(tl.pointer_type(qkv_ptr.dtype.element_ty))
+        row_cache = base + layer * 2 * s_c2 + (b % ROWS) * s_cb
+        cos_ptr += req * 2 * HALF
+        sin_ptr += req * 2 * HALF
+    else:
+        pos = tl.load(pos_ptr)
+        row_cache = cache_ptr + b * s_cb
     lo = split * SPLIT_LEN
     stat = stat_ptr + (bh * SPLITS + split) * 2
     out = part_ptr + (bh * SPLITS + split) * (2 * HALF)
     if SPLITS == 1:  # one split holds the window: normalise and write the head's output here
         out = final_ptr + b * s_ob + h * (2 * HALF)
-    _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
-                  s_c2, s_cb, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L, SPLITS == 1)
-    if MERGE_HERE:  # the last split of a head to finish merges them (its acquire sees the others' writes)
-        tl.debug_barrier()
-        done = tl.atomic_add(count_ptr + bh, 1, sem="acq_rel")
-        if done == SPLITS - 1:
-            _merge_splits(part_ptr, stat_ptr, final_ptr, bh, b, h, s_ob, 2 * HALF, SPLITS, SPLITS_POW2)
+    _attend_split(qkv_ptr, cos_ptr, sin_ptr, row_cache, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
+                  s_c2, s_ch, s_cl, H, KVH, HALF, SPLIT_LEN, BLOCK_L, SPLITS == 1)
 
 
 @triton.jit
-def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
-                  s_c2, s_cb, s_ch, s_cl, H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr,
+def _attend_split(qkv_ptr, cos_ptr, sin_ptr, row_cache, pos, lo, h, b, out, stat, L, sm_scale, s_qb, s_qh,
+                  s_c2, s_ch, s_cl, H: tl.constexpr, KVH: tl.constexpr, HALF: tl.constexpr,
                   SPLIT_LEN: tl.constexpr, BLOCK_L: tl.constexpr, FINAL: tl.constexpr):
     d = tl.arange(0, HALF)
     kvh = h // (H // KVH)
-    dt = cache_ptr.dtype.element_ty
+    dt = qkv_ptr.dtype.element_ty
     cos = tl.load(cos_ptr + d).to(tl.float32)
     sin = tl.load(sin_ptr + d).to(tl.float32)
     q_row = qkv_ptr + b * s_qb + h * s_qh
@@ -108,9 +133,9 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
     v_row = qkv_ptr + b * s_qb + (H + KVH + kvh) * s_qh
     v1n = tl.load(v_row + d).to(dt)
     v2n = tl.load(v_row + HALF + d).to(dt)
-    k_base = cache_ptr + b * s_cb + kvh * s_ch
+    k_base = row_cache + kvh * s_ch
     v_base = k_base + s_c2
-    if (pos >= lo) & (pos < lo + SPLIT_LEN) & (h % (H // KVH) == 0):
+    if (pos >= lo) & (pos < lo + SPLIT_LEN) & (pos < L) & (h % (H // KVH) == 0):
         tl.store(k_base + pos * s_cl + d, k1n)
         tl.store(k_base + pos * s_cl + HALF + d, k2n)
         tl.store(v_base + pos * s_cl + d, v1n)
@@ -154,104 +179,154 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, cache_ptr, pos, lo, h, b, out, stat
 
 
 @triton.jit
-def _merge_splits(part_ptr, stat_ptr, out_ptr, bh, b, h, s_ob, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
-                  SPLITS_POW2: tl.constexpr):
-    """Merge head ``bh``'s split partials in split order; loads bypass L1 (.cg): other programs wrote them."""
+def _combine_kernel(part_ptr, stat_ptr, out_ptr, s_ob, H: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """Merge head ``bh``'s split partials in split order."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
     sp = tl.arange(0, SPLITS_POW2)
     stat = stat_ptr + bh * SPLITS * 2
-    m = tl.load(stat + sp * 2, mask=sp < SPLITS, other=float("-inf"), cache_modifier=".cg")
-    l_sum = tl.load(stat + sp * 2 + 1, mask=sp < SPLITS, other=0.0, cache_modifier=".cg")
+    m = tl.load(stat + sp * 2, mask=sp < SPLITS, other=float("-inf"))
+    l_sum = tl.load(stat + sp * 2 + 1, mask=sp < SPLITS, other=0.0)
     top = tl.max(m, axis=0)
     w = tl.where(sp < SPLITS, tl.exp(m - top), 0.0)
     w = tl.where(l_sum > 0, w, 0.0)
     d = tl.arange(0, HEAD_DIM)
     acc = tl.load(part_ptr + (bh * SPLITS + sp[:, None]) * HEAD_DIM + d[None, :],
-                  mask=(sp[:, None] < SPLITS) & (l_sum[:, None] > 0), other=0.0, cache_modifier=".cg")
+                  mask=(sp[:, None] < SPLITS) & (l_sum[:, None] > 0), other=0.0)
     o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
     tl.store(out_ptr + b * s_ob + h * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
 
 
-@triton.jit
-def _combine_kernel(part_ptr, stat_ptr, out_ptr, s_ob, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    bh = tl.program_id(0)
-    _merge_splits(part_ptr, stat_ptr, out_ptr, bh, bh // H, bh % H, s_ob, HEAD_DIM, SPLITS, SPLITS_POW2)
-
-
-def _check(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor, num_heads: int,
-           num_kv_heads: int) -> None:
+def _check_qkv(qkv: Tensor, num_heads: int, num_kv_heads: int) -> None:
     if qkv.dim() != 3 or qkv.shape[1] != num_heads + 2 * num_kv_heads:
         raise ValueError(f"qkv must be (B, {num_heads + 2 * num_kv_heads}, D), got {tuple(qkv.shape)}")
-    b, _, d = qkv.shape
-    if layer_kv.dim() != 5 or layer_kv.shape[0] != 2 or layer_kv.shape[1] != b or layer_kv.shape[2] != num_kv_heads \
-            or layer_kv.shape[4] != d:
-        raise ValueError(f"layer_kv must be (2, {b}, {num_kv_heads}, L, {d}), got {tuple(layer_kv.shape)}")
-    if qkv.stride(2) != 1 or layer_kv.stride(4) != 1:
-        raise ValueError("qkv and layer_kv need a unit stride over the head dimension")
+    d = qkv.shape[2]
+    if qkv.stride(2) != 1:
+        raise ValueError("qkv needs a unit stride over the head dimension")
     if d % 2 or d & (d - 1):
         raise ValueError(f"head_dim {d} must be an even power of two")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} heads do not group over {num_kv_heads} kv heads")
-    if cos.numel() != d or sin.numel() != d or position.numel() != 1:
-        raise ValueError("cos/sin must hold head_dim values and position one")
-    if qkv.dtype != layer_kv.dtype or qkv.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtypes {qkv.dtype}/{layer_kv.dtype} not supported")
+    if qkv.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {qkv.dtype} not supported")
 
 
-def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor, num_heads: int,
-                     num_kv_heads: int, counters: Tensor | None = None,
-                     cfg: DecodeAttentionConfig = DEFAULT_CONFIG) -> Tensor:
-    """Attention of one new position; writes its rotated key and value into ``layer_kv`` at ``position``.
-
-    qkv (B, H + 2 * KVH, D): the projection output, heads [q..., k..., v...] before rotary.
-    cos, sin (D,): the rotary factors of ``position`` (halves repeated, as ``rope``).
-    layer_kv (2, B, KVH, L, D): this layer's cache window (keys then values); slots after
-    ``position`` are ignored. position (1,) int64 on the device, 0 <= position < L.
-    counters: optional zeroed int32 (>= B * H,) on the device; with it, the last split program of each
-    head merges the splits (one launch); without it a second kernel does. The counters are left
-    non-zero: a call needs fresh zeros (one ``torch.zeros`` per decode step serves every layer).
-    Returns (B, H * D) in qkv's dtype: the softmax(q k^T / sqrt(D)) v of every head, rows laid out as
-    the output projection reads them.
-    """
-    _check(qkv, cos, sin, layer_kv, position, num_heads, num_kv_heads)
+def _launch(qkv: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, ptr_table: Tensor, len_table: Tensor,
+            position: Tensor, length: int, layer: int, strides: tuple[int, int, int, int], num_heads: int,
+            num_kv_heads: int, rows: int, table: bool, window: int, cfg: DecodeAttentionConfig) -> Tensor:
     b, _, d = qkv.shape
-    length = layer_kv.shape[3]
-    split_len = cfg.split_len
-    if length <= cfg.single_pass_max_len:
-        split_len = cfg.block_l * triton.cdiv(length, cfg.block_l)
-    splits = triton.cdiv(length, split_len)
+    splits = triton.cdiv(window, cfg.split_len)
     part = torch.empty((b * num_heads, splits, d), dtype=torch.float32, device=qkv.device)
     stat = torch.empty((b * num_heads, splits, 2), dtype=torch.float32, device=qkv.device)
     out = torch.empty((b, num_heads * d), dtype=qkv.dtype, device=qkv.device)
-    merge_here = splits > 1 and counters is not None
-    if merge_here and (counters.dtype != torch.int32 or counters.numel() < b * num_heads
-                       or not counters.is_contiguous()):
-        raise ValueError(f"counters must be contiguous int32 with >= {b * num_heads} entries")
     _partial_kernel[(b * num_heads, splits)](
-        qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, part, stat, out,
-        counters if merge_here else stat, out.stride(0), length, d ** -0.5,
-        qkv.stride(0), qkv.stride(1), layer_kv.stride(0), layer_kv.stride(1), layer_kv.stride(2), layer_kv.stride(3),
-        H=num_heads, KVH=num_kv_heads, HALF=d // 2, SPLITS=splits, SPLIT_LEN=split_len, BLOCK_L=cfg.block_l,
-        MERGE_HERE=merge_here, SPLITS_POW2=triton.next_power_of_2(splits),
-        num_warps=cfg.num_warps)
-    if splits > 1 and not merge_here:
+        qkv, cos, sin, cache, ptr_table, len_table, position, part, stat, out, out.stride(0), length, layer,
+        d ** -0.5, qkv.stride(0), qkv.stride(1), *strides,
+        H=num_heads, KVH=num_kv_heads, HALF=d // 2, SPLITS=splits, SPLIT_LEN=cfg.split_len, BLOCK_L=cfg.block_l,
+        ROWS=rows, TABLE=table, num_warps=cfg.num_warps)
+    if splits > 1:
         _combine_kernel[(b * num_heads,)](part, stat, out, out.stride(0), H=num_heads, HEAD_DIM=d, SPLITS=splits,
                                           SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1)
     return out
 
 
+def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor, num_heads: int,
+                     num_kv_heads: int, cfg: DecodeAttentionConfig = DEFAULT_CONFIG) -> Tensor:
+    """Attention of one new position of one request; writes its rotated key and value into ``layer_kv``.
+
+    qkv (B, H + 2 * KVH, D): the projection output, heads [q..., k..., v...] before rotary.
+    cos, sin (D,): the rotary factors of ``position`` (halves repeated).
+    layer_kv (2, B, KVH, L, D): this layer's cache window (keys then values); slots after
+    ``position`` are ignored. position (1,) int64 on the device, 0 <= position < L.
+    Returns (B, H * D) in qkv's dtype, rows laid out as the output projection reads them.
+    """
+    _check_qkv(qkv, num_heads, num_kv_heads)
+    b, _, d = qkv.shape
+    if layer_kv.dim() != 5 or tuple(layer_kv.shape[:3]) != (2, b, num_kv_heads) or layer_kv.shape[4] != d \
+            or layer_kv.stride(4) != 1:
+        raise ValueError(f"layer_kv must be (2, {b}, {num_kv_heads}, L, {d}) with unit stride over D, "
+                         f"got {tuple(layer_kv.shape)}")
+    if cos.numel() != d or sin.numel() != d or position.numel() != 1:
+        raise ValueError("cos/sin must hold head_dim values and position one")
+    if layer_kv.dtype != qkv.dtype:
+        raise ValueError(f"cache dtype {layer_kv.dtype} differs from qkv's {qkv.dtype}")
+    length = layer_kv.shape[3]
+    strides = (layer_kv.stride(0), layer_kv.stride(1), layer_kv.stride(2), layer_kv.stride(3))
+    return _launch(qkv, cos.reshape(-1), sin.reshape(-1), layer_kv, position, position, position, length, 0,
+                   strides, num_heads, num_kv_heads, b, False, length, cfg)
+
+
+def decode_attention_table(qkv: Tensor, cos: Tensor, sin: Tensor, table: CacheTable, layer: int, num_heads: int,
+                           num_kv_heads: int, window: int, rows: int = 2,
+                           cfg: DecodeAttentionConfig = DEFAULT_CONFIG) -> Tensor:
+    """``decode_attention`` for a batch of requests, each cache found through ``table`` (see ``CacheTable``).
+
+    qkv (S * rows, H + 2 * KVH, D); cos, sin (S, D): per request. ``layer``: which layer of each
+    request's stacked cache. ``window``: the launch covers slots [0, window); every request must have
+    position < window (slots past a request's length are never read). Nothing here reads the table
+    on the host, so the call can be captured once and replayed for other requests.
+    """
+    _check_qkv(qkv, num_heads, num_kv_heads)
+    b, _, d = qkv.shape
+    reqs = table.ptr.shape[0]
+    if b != reqs * rows or cos.shape != (reqs, d) or sin.shape != (reqs, d):
+        raise ValueError(f"{reqs} requests of {rows} rows need qkv ({reqs * rows}, ..., {d}) and cos/sin "
+                         f"({reqs}, {d}); got {tuple(qkv.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return _launch(qkv, cos.contiguous(), sin.contiguous(), qkv, table.ptr, table.length, table.position, 0, layer,
+                   (0, 0, 0, 0), num_heads, num_kv_heads, rows, True, window, cfg)
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, ptr_table, len_table, S, layer, s_kb, s_kh, s_ks, s_vb, s_vh, s_vs,
+                     KVH: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr, BLOCK_S: tl.constexpr):
+    bk = tl.program_id(0)
+    b = bk // KVH
+    kvh = bk % KVH
+    req = b // ROWS
+    L = tl.load(len_table + req)
+    s_ch = L * D
+    s_cb = KVH * s_ch
+    s_c2 = ROWS * s_cb
+    base = tl.load(ptr_table + req).to(tl.pointer_type(k_ptr.dtype.element_ty))
+    dst = base + layer * 2 * s_c2 + (b % ROWS) * s_cb + kvh * s_ch
+    pos = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    ok = ((pos < S) & (pos < L))[:, None]
+    k = tl.load(k_ptr + b * s_kb + kvh * s_kh + pos[:, None] * s_ks + d[None, :], mask=ok)
+    v = tl.load(v_ptr + b * s_vb + kvh * s_vh + pos[:, None] * s_vs + d[None, :], mask=ok)
+    tl.store(dst + pos[:, None] * D + d[None, :], k, mask=ok)
+    tl.store(dst + s_c2 + pos[:, None] * D + d[None, :], v, mask=ok)
+
+
+WRITE_BLOCK_S = 16
+
+
+def write_kv_table(k: Tensor, v: Tensor, ptr: Tensor, length: Tensor, layer: int, rows: int = 2) -> None:
+    """Write positions [0, S) of keys and values (B, KVH, S, D) into layer ``layer`` of each request's
+    stacked cache (``CacheTable`` addressing, batch row r -> request r // rows; slots past a cache's
+    length are skipped). The prefill's cache write, with nothing read on the host."""
+    b, kvh, s, d = k.shape
+    if v.shape != k.shape or v.dtype != k.dtype or k.stride(3) != 1 or v.stride(3) != 1:
+        raise ValueError(f"k and v must be (B, KVH, S, D) alike with unit stride over D, got {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if b != ptr.shape[0] * rows:
+        raise ValueError(f"{b} rows do not make {ptr.shape[0]} requests of {rows}")
+    _write_kv_kernel[(b * kvh, triton.cdiv(s, WRITE_BLOCK_S))](
+        k, v, ptr, length, s, layer, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        KVH=kvh, D=d, ROWS=rows, BLOCK_S=WRITE_BLOCK_S, num_warps=1)
+
+
 def reference_decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, layer_kv: Tensor, position: Tensor,
-                               num_heads: int, num_kv_heads: int, counters: Tensor | None = None) -> Tensor:
+                               num_heads: int, num_kv_heads: int) -> Tensor:
     """The same step in plain torch (rotary, ``index_copy_`` into the cache, masked SDPA): the
     equivalence reference for tests and the fallback where the kernels do not run."""
     b, _, d = qkv.shape
-    half = d // 2
-
-    def rotate(x: Tensor) -> Tensor:
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-    q = rotate(qkv[:, :num_heads])[:, :, None]  # (B, H, 1, D)
-    k = rotate(qkv[:, num_heads:num_heads + num_kv_heads])
+    q = apply_rotary(qkv[:, :num_heads], cos, sin)[:, :, None]  # (B, H, 1, D)
+    k = apply_rotary(qkv[:, num_heads:num_heads + num_kv_heads], cos, sin)
     v = qkv[:, num_heads + num_kv_heads:]
     new = torch.stack((k, v))[:, :, :, None]  # (2, B, KVH, 1, D)
     layer_kv.index_copy_(3, position.reshape(1), new.to(layer_kv.dtype))

@@ -1,5 +1,5 @@
 """The small-M GEMV with the work around a Llama projection folded in: norm prologue, SiLU-gate
-prologue, residual epilogue.
+epilogue, residual epilogue.
 
 In T3's decode every projection is surrounded by a cheap elementwise kernel: the RMS norm before
 q/k/v and gate/up, SiLU(gate) * up before down, the residual add after o and down. Each of those is
@@ -10,8 +10,6 @@ a launch of its own (~1-1.5 us on an H100, 30 layers, every token). Here they ru
   ``rsqrt(mean(x^2) + eps) * ((x * g) @ w.T)``: the sum of squares accumulates in the same pass as
   the products, so the row is read once, and the normalised input is not rounded to the activation
   dtype on the way (the unfused norm rounds it twice), a difference of the order of that rounding;
-* ``glu_linear(gu, w, residual)`` = ``residual + F.linear(silu(gate) * up, w)`` with gate/up the two
-  halves of ``gu`` (the packed gate_up output);
 * ``residual_linear(x, w, residual)`` = ``residual + F.linear(x, w)``;
 * ``rms_glu_linear(x, g, w_interleaved, eps)`` = ``silu(gate) * up`` of ``rms_linear`` on gate/up
   weights whose rows interleave (``interleave_rows``), the activation as the GEMV's epilogue.
@@ -30,9 +28,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..nn.norm import rms_norm
+
 from .small_m_linear import MAX_M, SUPPORTED_DTYPES, VECTOR_BYTES, SmallMConfig, _next_pow2, _sms_of, config_for
 
-PRO_NONE, PRO_RMS, PRO_GLU = 0, 1, 2
+PRO_NONE, PRO_RMS = 0, 1
 
 
 @triton.jit
@@ -66,15 +66,10 @@ def _fused_gemv_kernel(x_ptr, g_ptr, w_ptr, res_ptr, out_ptr, M, N, K: tl.conste
             w = tl.load(w_ptrs + k0, mask=(offs_n < N)[None, :, None] & k_ok, other=0.0,
                         eviction_policy="evict_first")
         cols = (k0 + offs_k)[None, None, :]
-        if PROLOGUE == 2:
-            gate = _load_x(x_rows + cols, m_ok & k_ok, EVEN_M and EVEN_K)
-            up = _load_x(x_rows + K + cols, m_ok & k_ok, EVEN_M and EVEN_K)
-            x = (gate * tl.sigmoid(gate) * up).to(dt).to(tl.float32)
-        else:
-            x = _load_x(x_rows + cols, m_ok & k_ok, EVEN_M and EVEN_K)
-            if PROLOGUE == 1:
-                sq += x * x
-                x = x * _load_x(g_ptr + cols, k_ok, EVEN_K)
+        x = _load_x(x_rows + cols, m_ok & k_ok, EVEN_M and EVEN_K)
+        if PROLOGUE == 1:
+            sq += x * x
+            x = x * _load_x(g_ptr + cols, k_ok, EVEN_K)
         prod = x * w.to(tl.float32)
         acc += tl.sum(tl.reshape(prod, [M_PAD, BLOCK_N, BLOCK_K // VEC, VEC]), axis=3)
     y = tl.sum(acc, axis=2)
@@ -129,8 +124,6 @@ def rms_linear(x: Tensor, norm_weight: Tensor, weight: Tensor, eps: float, cfg: 
     x2 = _rows(x)
     c = _config(x2, weight, cfg)
     if not _kernel_ok(x2, weight, c) or norm_weight.dtype != x.dtype:
-        from ..models.t3.fused_decode import rms_norm
-
         return F.linear(rms_norm(x, norm_weight, eps), weight)
     out = _launch(x2, weight, x2.shape[1], PRO_RMS, norm_weight.contiguous(), None, eps, c)
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -150,24 +143,11 @@ def rms_glu_linear(x: Tensor, norm_weight: Tensor, gate_up: Tensor, eps: float,
     x2 = _rows(x)
     c = _config(x2, gate_up, cfg)
     if not _kernel_ok(x2, gate_up, c) or norm_weight.dtype != x.dtype or c.block_n % 2:
-        from ..models.t3.fused_decode import rms_norm
-
         both = F.linear(rms_norm(x, norm_weight, eps), gate_up)
         gate, up = both[..., 0::2], both[..., 1::2]
         return F.silu(gate) * up
     out = _launch(x2, gate_up, x2.shape[1], PRO_RMS, norm_weight.contiguous(), None, eps, c, glu_out=True)
     return out.view(*x.shape[:-1], gate_up.shape[0] // 2)
-
-
-def glu_linear(gate_up: Tensor, weight: Tensor, residual: Tensor, cfg: SmallMConfig | None = None) -> Tensor:
-    """``residual + F.linear(silu(gate) * up, weight)`` with ``gate, up = gate_up.chunk(2, -1)``."""
-    x2 = _rows(gate_up)
-    c = _config(x2, weight, cfg)
-    if not _kernel_ok(x2[:, :weight.shape[1]], weight, c) or residual.dtype != gate_up.dtype:
-        gate, up = gate_up.chunk(2, dim=-1)
-        return residual + F.linear(F.silu(gate) * up, weight)
-    out = _launch(x2, weight, weight.shape[1], PRO_GLU, None, residual, 0.0, c)
-    return out.view(*gate_up.shape[:-1], weight.shape[0])
 
 
 def residual_linear(x: Tensor, weight: Tensor, residual: Tensor, cfg: SmallMConfig | None = None) -> Tensor:

@@ -7,16 +7,15 @@ which gives a base-3 token id. Submodule names follow the published checkpoint k
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn.conv import Conv1d
+from ..nn.dtype import as_float32, cast_floating
+from ..nn.rotary import apply_rotary
+from .s3tokenizer_config import S3TokenizerConfig
 
-if TYPE_CHECKING:
-    from .s3tokenizer import S3TokenizerConfig
 
 
 def conv_out_frames(frames: torch.Tensor | int, kernel: int, stride: int) -> torch.Tensor | int:
@@ -46,15 +45,10 @@ def rotary_tables(head_dim: int, max_positions: int, theta: float) -> tuple[torc
     return cos, sin
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
 class FSMNAttention(nn.Module):
     """Multi-head self-attention with rotary q/k and an FSMN memory branch on the values."""
 
-    def __init__(self, cfg: "S3TokenizerConfig") -> None:
+    def __init__(self, cfg: S3TokenizerConfig) -> None:
         super().__init__()
         width = cfg.n_state
         self.n_head = cfg.n_head
@@ -77,8 +71,8 @@ class FSMNAttention(nn.Module):
 
         rope_cos = cos.unsqueeze(1)  # (T, 1, D): broadcast over heads
         rope_sin = sin.unsqueeze(1)
-        q = q * rope_cos + _rotate_half(q) * rope_sin
-        k = k * rope_cos + _rotate_half(k) * rope_sin
+        q = apply_rotary(q, rope_cos, rope_sin)
+        k = apply_rotary(k, rope_cos, rope_sin)
 
         # The reference scales q and k by D^-0.25 each; SDPA's default 1/sqrt(D) is the same product.
         heads_v = v.view(batch, frames, self.n_head, self.head_dim)
@@ -95,7 +89,7 @@ class FSMNAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, cfg: "S3TokenizerConfig") -> None:
+    def __init__(self, cfg: S3TokenizerConfig) -> None:
         super().__init__()
         self.attn = FSMNAttention(cfg)
         self.attn_ln = nn.LayerNorm(cfg.n_state, eps=cfg.ln_eps)
@@ -112,7 +106,7 @@ class ResidualAttentionBlock(nn.Module):
 class S3Encoder(nn.Module):
     """Log-mel (B, n_mels, T) -> hidden states (B, T', n_state) at the token rate."""
 
-    def __init__(self, cfg: "S3TokenizerConfig") -> None:
+    def __init__(self, cfg: S3TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         k = cfg.conv_kernel
@@ -135,7 +129,7 @@ class S3Encoder(nn.Module):
             raise ValueError(f"expected a log-mel of shape (B, {self.cfg.n_mels}, T), got {tuple(mel.shape)}")
         lens = mel_lens.to(device=mel.device, dtype=torch.long)
         size = mel.shape[-1]
-        x = mel
+        x = cast_floating(mel, self.conv1.weight.dtype)
         # Padding frames are zeroed before each conv so that they cannot leak into valid outputs.
         for conv, stride in ((self.conv1, self.cfg.conv_strides[0]), (self.conv2, self.cfg.conv_strides[1])):
             keep = length_mask(lens, size).unsqueeze(1).to(x.dtype)  # (B, 1, T)
@@ -153,13 +147,13 @@ class S3Encoder(nn.Module):
         sin = self.rope_sin[:size].to(x.dtype)
         for block in self.blocks:
             x = block(x, attn_bias, keep, cos, sin)
-        return x, lens
+        return as_float32(x), lens
 
 
 class FSQCodebook(nn.Module):
     """Projection to ``fsq_dim`` scalars, each rounded to ``fsq_levels`` levels -> one integer id."""
 
-    def __init__(self, cfg: "S3TokenizerConfig") -> None:
+    def __init__(self, cfg: S3TokenizerConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.project_down = nn.Linear(cfg.n_state, cfg.fsq_dim)
@@ -177,7 +171,7 @@ class FSQCodebook(nn.Module):
 class FSQuantizer(nn.Module):
     """Holds the codebook under the checkpoint's ``_codebook`` name."""
 
-    def __init__(self, cfg: "S3TokenizerConfig") -> None:
+    def __init__(self, cfg: S3TokenizerConfig) -> None:
         super().__init__()
         self._codebook = FSQCodebook(cfg)
 

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.dtype import as_float32, cast_floating
 from ..audio import VEMelConfig, resample_soxr, trim_silence, ve_mel_spectrogram
-from ..transfer import host_to_device
+from ..nn.transfer import host_to_device
 
 # Fixed initial values of the (unused at inference) cosine-similarity scaling parameters.
 _SIMILARITY_WEIGHT_INIT = 10.0
@@ -91,6 +92,16 @@ def cut_partials(mel: torch.Tensor, step: int, partial_frames: int, min_coverage
     return mel.unfold(0, partial_frames, step)[:n_partials].transpose(1, 2)  # (N, P, M)
 
 
+def pool_partial_embeds(embeds: torch.Tensor, counts: list[int], as_spk: bool = False) -> torch.Tensor:
+    """Partial embeddings (sum N_i, E) -> (N, E) utterance embeddings, or one (E,) speaker embedding."""
+    utt = torch.stack([chunk.mean(dim=0) for chunk in torch.split(embeds, counts, dim=0)])  # (N, E)
+    utt = utt / torch.linalg.norm(utt, dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
+    if not as_spk:
+        return utt
+    spk = utt.mean(dim=0)
+    return spk / torch.linalg.norm(spk).clamp_min(_NORM_FLOOR)
+
+
 class VoiceEncoder(nn.Module):
     def __init__(self, cfg: VoiceEncoderConfig) -> None:
         super().__init__()
@@ -115,11 +126,11 @@ class VoiceEncoder(nn.Module):
 
     def forward(self, mels: torch.Tensor) -> torch.Tensor:
         """(B, T, n_mels) partial mels -> (B, embed_size) L2-normalised embeddings."""
-        _, (hidden, _) = self.lstm(mels)  # hidden: (layers, B, H)
+        _, (hidden, _) = self.lstm(cast_floating(mels, self.proj.weight.dtype))  # hidden: (layers, B, H)
         raw = self.proj(hidden[-1])
         if self.cfg.final_relu:
             raw = F.relu(raw)
-        return raw / torch.linalg.norm(raw, dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
+        return as_float32(raw / torch.linalg.norm(raw, dim=1, keepdim=True).clamp_min(_NORM_FLOOR))
 
     def _device(self) -> torch.device:
         return self.proj.weight.device
@@ -158,18 +169,25 @@ class VoiceEncoder(nn.Module):
             mels.append(self.mel(host_to_device(arr, device, torch.float32)))  # (T, M)
         return mels
 
-    def partial_embeds(
+    def partial_mels(
         self, mels: Sequence[torch.Tensor], rate: float = DEFAULT_PARTIAL_RATE,
         min_coverage: float = DEFAULT_MIN_COVERAGE,
     ) -> tuple[torch.Tensor, list[int]]:
-        """Embeddings of every partial of every mel, run as one LSTM batch: ((sum N_i, E), [N_i])."""
+        """Every partial of every mel as one batch for ``forward``: ((sum N_i, partial_frames, n_mels), [N_i])."""
         cfg = self.cfg
         if len(mels) == 0:
             raise ValueError("need at least one mel")
         step = cfg.frame_step(rate)
         partials = [cut_partials(m, step, cfg.partial_frames, min_coverage) for m in mels]
-        counts = [p.shape[0] for p in partials]
-        return self(torch.cat(partials, dim=0)), counts
+        return torch.cat(partials, dim=0), [p.shape[0] for p in partials]
+
+    def partial_embeds(
+        self, mels: Sequence[torch.Tensor], rate: float = DEFAULT_PARTIAL_RATE,
+        min_coverage: float = DEFAULT_MIN_COVERAGE,
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Embeddings of every partial of every mel, run as one LSTM batch: ((sum N_i, E), [N_i])."""
+        partials, counts = self.partial_mels(mels, rate, min_coverage)
+        return self(partials), counts
 
     def embeds_from_mels(
         self,
@@ -180,12 +198,7 @@ class VoiceEncoder(nn.Module):
     ) -> torch.Tensor:
         """(N, E) utterance embeddings, or one (E,) speaker embedding when ``as_spk``."""
         embeds, counts = self.partial_embeds(mels, rate, min_coverage)
-        utt = torch.stack([chunk.mean(dim=0) for chunk in torch.split(embeds, counts, dim=0)])  # (N, E)
-        utt = utt / torch.linalg.norm(utt, dim=1, keepdim=True).clamp_min(_NORM_FLOOR)
-        if not as_spk:
-            return utt
-        spk = utt.mean(dim=0)
-        return spk / torch.linalg.norm(spk).clamp_min(_NORM_FLOOR)
+        return pool_partial_embeds(embeds, counts, as_spk)
 
     def embeds_from_wavs(
         self,

@@ -16,9 +16,6 @@ from torch import nn
 from .decoder import ConditionalDecoder, ConditionalDecoderConfig
 
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
-# Signature of ConditionalDecoder.forward: (x, mask, mu, t, spks, cond) -> velocity.
-EstimatorFn = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
-                       torch.Tensor]
 
 SCHEDULES = ("cosine", "linear")
 
@@ -78,15 +75,12 @@ class CausalCFM(nn.Module):
         noise: torch.Tensor,
         n_timesteps: int | None = None,
         on_step: StepCallback | None = None,
-        estimator: EstimatorFn | None = None,
     ) -> torch.Tensor:
         """Integrate from ``noise`` (t=0) to the mel (t=1).
 
         mu, cond, noise: (B, n_feats, T) (upstream uses B=1); mask: (B, 1, T), or None when no frame
         is padded; spks: (B, spk_dim). ``on_step(k, x, t)`` is called before the k-th estimator call
         (k from 0) with the x it receives and the 0-d time t. Returns x at t=1, (B, n_feats, T).
-        ``estimator``: a stand-in for ``self.estimator`` with its signature (e.g. the pipeline's
-        CUDA-graphed, length-bucketed runner); None uses the module.
         """
         n = self.cfg.n_timesteps if n_timesteps is None else int(n_timesteps)
         if n < 1:
@@ -95,7 +89,6 @@ class CausalCFM(nn.Module):
             raise ValueError(f"noise {tuple(noise.shape)} must have mu's shape {tuple(mu.shape)}")
         rate = self.cfg.inference_cfg_rate
         b = mu.shape[0]
-        estimate = self.estimator if estimator is None else estimator
 
         # Guidance batch: rows [0, b) conditional, rows [b, 2b) with mu, spks and cond zeroed.
         # These halves do not change across steps, so they are built once.
@@ -116,7 +109,7 @@ class CausalCFM(nn.Module):
                 on_step(k, x, t)
             x_in = torch.cat([x, x], dim=0)  # (2B, F, T)
             t_in = t.expand(2 * b)  # (2B,)
-            v = estimate(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
+            v = self.estimator(x_in, mask_in, mu_in, t_in, spks_in, cond_in)
             v_cond, v_uncond = v[:b], v[b:]
             v = (1.0 + rate) * v_cond - rate * v_uncond
             x = x + dt * v

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn.conv import Conv1d
+from ...nn.dtype import as_float32, cast_floating
 from .decoder_blocks import (
     CausalBlock1D,
     CausalConv1d,
@@ -133,7 +134,9 @@ class ConditionalDecoder(nn.Module):
         if mask is not None and mask.shape != (x.shape[0], 1, x.shape[2]):
             raise ValueError(f"mask must be ({x.shape[0]}, 1, {x.shape[2]}), got {tuple(mask.shape)}")
 
-        # t may stay float32 under a lower-precision pass (1000 * t needs the mantissa); the features
+        dtype = self.final_proj.weight.dtype
+        x, mask, mu, spks, cond = (cast_floating(v, dtype) for v in (x, mask, mu, spks, cond))
+        # t stays float32 under a lower-precision pass (1000 * t needs the mantissa); the features
         # are cast to the activation dtype only after the sinusoids.
         t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
         t_emb = self.time_mlp(t_feat.to(x.dtype))  # (B, time_embed_dim)
@@ -158,4 +161,4 @@ class ConditionalDecoder(nn.Module):
 
         h = self.final_block(h, mask)  # masked on return
         out = self.final_proj(h)  # (B, n_feats, T)
-        return apply_mask(out, mask)
+        return as_float32(apply_mask(out, mask))

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...nn.conv import Conv1d
+from ...nn.dtype import as_float32, cast_floating
 from .conformer import ConformerLayer, ConformerLayerConfig, LinearInput
 
 
@@ -97,11 +98,11 @@ class UpsampleConformerEncoder(nn.Module):
         """x: (B, N, input_dim) unpadded token embeddings -> (B, stride*N, d)."""
         if x.dim() != 3 or x.shape[-1] != self.cfg.input_dim or x.shape[1] < 1:
             raise ValueError(f"encoder input must be (B, N>=1, {self.cfg.input_dim}), got {tuple(x.shape)}")
-        h, pos = self.embed(x)  # (B, N, d), (1, 2N-1, d)
+        h, pos = self.embed(cast_floating(x, self.after_norm.weight.dtype))  # (B, N, d), (1, 2N-1, d)
         h = self.pre_lookahead_layer(h)
         for layer in self.encoders:
             h = layer(h, pos)
         h, pos = self.up_embed(self.up_layer(h))  # (B, 2N, d), (1, 4N-1, d)
         for layer in self.up_encoders:
             h = layer(h, pos)
-        return self.after_norm(h)
+        return as_float32(self.after_norm(h))

@@ -10,6 +10,7 @@ Published quirk kept on purpose: the number of prompt frames cut is ``prompt_fea
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cfm import CausalCFM, CFMConfig, EstimatorFn
+from .cfm import CausalCFM, CFMConfig
 from .encoder import UpsampleConformerEncoder, UpsampleConformerEncoderConfig
 
 
@@ -40,9 +41,11 @@ class FlowConfig:
         return cls()
 
     @classmethod
-    def tiny(cls) -> "FlowConfig":
+    def tiny(cls, n_mels: int | None = None) -> "FlowConfig":
         """Small encoder and estimator for fast unit tests (not a published model)."""
         cfm = CFMConfig.small()
+        if n_mels is not None:
+            cfm = CFMConfig(estimator=dataclasses.replace(cfm.estimator, n_feats=n_mels, spk_dim=n_mels))
         return cls(spk_embed_dim=16, n_mels=cfm.estimator.n_feats, encoder=UpsampleConformerEncoderConfig.tiny(),
                    cfm=cfm)
 
@@ -155,27 +158,22 @@ class S3GenFlow(nn.Module):
         return FlowConditioning(encoder_out=h, mu=mu, spks=spks, cond=cond, mask=mask, prompt_frames=n_prompt)
 
     def decode(self, c: FlowConditioning, noise: torch.Tensor, n_timesteps: int | None = None,
-               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-               estimator: EstimatorFn | None = None) -> torch.Tensor:
-        """Run the CFM from ``noise`` (1, mel, >=T; its first T frames are used) -> mel (1, mel, T-F).
-
-        ``estimator``: optional stand-in for the CFM's estimator module (see ``CausalCFM.forward``).
-        """
+               on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """Run the CFM from ``noise`` (1, mel, >=T; its first T frames are used) -> mel (1, mel, T-F)."""
         total = c.total_frames
         if noise.dim() != 3 or noise.shape[1] != self.cfg.n_mels or noise.shape[2] < total:
             raise ValueError(f"noise must be (1, {self.cfg.n_mels}, >= {total}), got {tuple(noise.shape)}")
         if c.new_frames == 0:
             return c.mu.new_zeros(1, self.cfg.n_mels, 0)
         z = noise[:, :, :total].to(device=c.mu.device, dtype=c.mu.dtype)
-        feat = self.decoder(c.mu, c.mask, c.spks, c.cond, z, n_timesteps=n_timesteps, on_step=on_step,
-                            estimator=estimator)
+        feat = self.decoder(c.mu, c.mask, c.spks, c.cond, z, n_timesteps=n_timesteps, on_step=on_step)
         return feat[:, :, c.prompt_frames:]
 
     def forward(self, speech_tokens: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                 embedding: torch.Tensor, noise: torch.Tensor, finalize: bool = True,
                 n_timesteps: int | None = None,
                 on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
-                validate: bool = True, estimator: EstimatorFn | None = None) -> torch.Tensor:
+                validate: bool = True) -> torch.Tensor:
         """Speech tokens (1, N) + reference prompt -> mel (1, mel, T_total - F).
 
         T_total = ratio*(P+N), minus ``lookahead_frames`` when ``finalize`` is False. ``noise`` is the
@@ -185,4 +183,4 @@ class S3GenFlow(nn.Module):
         if noise.dim() != 3 or noise.shape[1] != self.cfg.n_mels or noise.shape[2] < total:
             raise ValueError(f"noise must be (1, {self.cfg.n_mels}, >= {total}), got {tuple(noise.shape)}")
         c = self.prepare(speech_tokens, prompt_token, prompt_feat, embedding, finalize=finalize, validate=validate)
-        return self.decode(c, noise, n_timesteps=n_timesteps, on_step=on_step, estimator=estimator)
+        return self.decode(c, noise, n_timesteps=n_timesteps, on_step=on_step)

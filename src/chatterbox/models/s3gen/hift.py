@@ -14,6 +14,8 @@ bakes it into plain weights after loading.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 
@@ -75,14 +77,14 @@ class HiFTConfig:
         )
 
     @classmethod
-    def tiny(cls) -> "HiFTConfig":
+    def tiny(cls, n_mels: int = 8) -> "HiFTConfig":
         """A few-thousand-parameter variant (24 samples per frame) for fast shape/behaviour tests."""
         return cls(
-            n_mels=8, base_channels=16, conv_pre_kernel=7, conv_post_kernel=7,
+            n_mels=n_mels, base_channels=16, conv_pre_kernel=7, conv_post_kernel=7,
             upsample_rates=(2, 3), upsample_kernel_sizes=(4, 5),
             resblock_kernel_sizes=(3, 5), resblock_dilations=((1, 2), (1, 2)),
             source_resblock_kernel_sizes=(3, 3), source_resblock_dilations=((1, 2), (1, 2)),
-            f0=F0PredictorConfig.tiny(), source=SourceConfig.published(),
+            f0=dataclasses.replace(F0PredictorConfig.tiny(), in_channels=n_mels), source=SourceConfig.published(),
         )
 
     @property

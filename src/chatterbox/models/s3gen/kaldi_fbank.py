@@ -15,12 +15,14 @@ import torch.nn.functional as F
 # Imported here, never first under a meta-device context: the module makes tensors at import time.
 from torchaudio.compliance.kaldi import get_mel_banks
 
+from ...constants import S3_SR
+
 _MS_PER_S = 1000.0
 
 
 @dataclass(frozen=True)
 class KaldiFbankConfig:
-    sample_rate: int = 16000
+    sample_rate: int = S3_SR
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
     n_mels: int = 80

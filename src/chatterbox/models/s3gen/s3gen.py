@@ -6,20 +6,22 @@ checkpoint's key prefixes.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from typing import Callable, ContextManager
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
+from ...constants import S3_SR, S3GEN_SR
 from ...audio import (S3GenMelConfig, resample_sinc, resample_torchaudio, s3gen_mel_spectrogram,
                       sinc_resample_kernel)
-from ...timing import StageTimer
-from ...transfer import host_to_device
+from ...nn.transfer import host_to_device
 from ..s3tokenizer import S3Tokenizer, S3TokenizerConfig
-from .cfm import EstimatorFn
 from .flow import FlowConfig, S3GenFlow
 from .hift import HiFTConfig, HiFTGenerator
 from .source import SourceNoise
@@ -35,8 +37,8 @@ class S3GenConfig:
     flow: FlowConfig = field(default_factory=FlowConfig.published)
     hift: HiFTConfig = field(default_factory=HiFTConfig.published)
     mel: S3GenMelConfig = field(default_factory=S3GenMelConfig.published)
-    sample_rate: int = 24000
-    tokenizer_sample_rate: int = 16000
+    sample_rate: int = S3GEN_SR
+    tokenizer_sample_rate: int = S3_SR
     n_speech_codes: int = 6561
     mel_frames_per_token: int = 2
     samples_per_mel_frame: int = 480
@@ -51,10 +53,21 @@ class S3GenConfig:
     def published(cls) -> "S3GenConfig":
         return cls()
 
+    @classmethod
+    def tiny(cls) -> "S3GenConfig":
+        """Every part small, the published mel: a pipeline that composes end to end, for fast tests."""
+        n_mels = S3GenMelConfig.published().n_mels
+        return cls(tokenizer=S3TokenizerConfig.tiny(), speaker_encoder=CAMPPlusConfig.tiny(),
+                   flow=FlowConfig.tiny(n_mels), hift=HiFTConfig.tiny(n_mels))
+
+
+REF_KEYS = ("prompt_token", "prompt_token_len", "prompt_feat", "prompt_feat_len", "embedding")
+
 
 @dataclass
-class S3GenRef:
-    """Reference conditioning for S3Gen (upstream's ``ref_dict``)."""
+class S3GenRef(MutableMapping):
+    """Reference conditioning for S3Gen. Reads and writes like upstream's ``ref_dict`` too:
+    ``ref["embedding"]``, ``ref["prompt_feat"] = ...``, ``dict(ref)``, with upstream's keys."""
 
     prompt_token: torch.Tensor  # (1, P) int64 speech tokens of the reference
     prompt_token_len: torch.Tensor  # (1,) int64
@@ -62,17 +75,38 @@ class S3GenRef:
     embedding: torch.Tensor  # (1, 192) CAMPPlus x-vector
     prompt_feat_len: torch.Tensor | None = None
 
+    # ------------------------------------------------------------ mapping view (upstream's ref_dict)
+    def __getitem__(self, key: str):
+        if key not in REF_KEYS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __setitem__(self, key: str, value) -> None:
+        if key not in REF_KEYS:
+            raise KeyError(f"{key!r} is not an S3Gen reference key; known: {REF_KEYS}")
+        setattr(self, key, value)
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("S3Gen reference keys cannot be deleted; assign a new value instead")
+
+    def __iter__(self):
+        return iter(REF_KEYS)
+
+    def __len__(self) -> int:
+        return len(REF_KEYS)
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
     def to(self, device: torch.device | str) -> "S3GenRef":
         moved = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in self.as_dict().items()}
         return S3GenRef.from_dict(moved)
 
     def as_dict(self) -> dict:
-        return dict(prompt_token=self.prompt_token, prompt_token_len=self.prompt_token_len,
-                    prompt_feat=self.prompt_feat, prompt_feat_len=self.prompt_feat_len,
-                    embedding=self.embedding)
+        return {k: getattr(self, k) for k in REF_KEYS}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "S3GenRef":
+    def from_dict(cls, d: Mapping) -> "S3GenRef":
         def tensor(v):
             return torch.from_numpy(v) if isinstance(v, np.ndarray) else v
 
@@ -85,6 +119,10 @@ class S3GenRef:
 
     def clone(self) -> "S3GenRef":
         return S3GenRef.from_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.as_dict().items()})
+
+
+def _no_stage(name: str) -> ContextManager:
+    return contextlib.nullcontext()
 
 
 def trim_fade_window(cfg: S3GenConfig, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -119,16 +157,16 @@ class S3Gen(nn.Module):
 
     # ---------------------------------------------------------------- reference
     def embed_ref(self, wav: torch.Tensor | np.ndarray, sample_rate: int,
-                  timer: StageTimer | None = None) -> S3GenRef:
+                  stage: Callable[[str], ContextManager] | None = None) -> S3GenRef:
         """Reference mel, speech tokens and x-vector of a mono recording, as upstream's ``embed_ref``.
 
         When the mel has F != 2P frames, the tokens are cut to F // 2 and the mel is kept as is.
         A host waveform is copied to the device once, without a synchronisation; from there on
-        the call only queues device work. ``timer``: optional per-stage timer (``StageTimer``
-        interface), for profiling.
+        the call only queues device work. ``stage(name)``: an optional context manager factory
+        wrapped around each step (a profiler's per-stage timer).
         """
-        timer = timer or StageTimer(enabled=False)
-        with timer.stage("s3gen.h2d"):
+        stage = stage or _no_stage
+        with stage("s3gen.h2d"):
             wav = host_to_device(wav, self.device, torch.float32)
         if wav.dim() == 1:
             wav = wav.unsqueeze(0)  # (1, L)
@@ -136,16 +174,16 @@ class S3Gen(nn.Module):
             raise ValueError(f"embed_ref takes one mono waveform (L,) or (1, L), got shape {tuple(wav.shape)}")
         if wav.shape[1] > self.cfg.max_reference_seconds * sample_rate:
             log.warning("S3Gen reference is longer than %.0f s", self.cfg.max_reference_seconds)
-        with timer.stage("s3gen.mel"):
+        with stage("s3gen.mel"):
             prompt_feat = self.reference_mel(wav, sample_rate)  # (1, F, 80)
-        with timer.stage("s3gen.resample_16k"):
+        with stage("s3gen.resample_16k"):
             wav_16k = self.resample_to_tokenizer_rate(wav, sample_rate)
-        with timer.stage("s3gen.tokenizer"):
+        with stage("s3gen.tokenizer"):
             tokens, _ = self.tokenizer(wav_16k)  # (1, P)
         # CAMPPlus last: hundreds of short kernels, so little device work is left once queued
-        with timer.stage("campplus.fbank"):
+        with stage("campplus.fbank"):
             feats = self.speaker_encoder.features(wav_16k)
-        with timer.stage("campplus.net"):
+        with stage("campplus.net"):
             embedding = self.speaker_encoder(feats)  # (1, 192)
         n_frames = prompt_feat.shape[1]
         if n_frames != self.cfg.mel_frames_per_token * tokens.shape[1]:
@@ -181,21 +219,17 @@ class S3Gen(nn.Module):
         stream that slices the same table renders exactly what a one-shot call renders.
         """
         noise = torch.randn((1, self.cfg.flow.n_mels, self.cfg.noise_frames), generator=generator)
-        return noise.to(self.device)
+        return host_to_device(noise, self.device)
 
     def flow_inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
                        finalize: bool = True, n_timesteps: int | None = None,
-                       generator: torch.Generator | None = None,
-                       estimator: EstimatorFn | None = None) -> torch.Tensor:
-        """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only.
-
-        ``estimator``: optional stand-in for the CFM estimator (the pipeline's CUDA-graph runner).
-        """
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """(1, N) or (N,) speech codes -> mel (1, 80, T) of the new tokens only."""
         tokens = self._check_tokens(speech_tokens)
         if cfm_noise is None:
             cfm_noise = self.draw_cfm_noise(generator)
         return self.flow(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, cfm_noise,
-                         finalize=finalize, n_timesteps=n_timesteps, estimator=estimator)
+                         finalize=finalize, n_timesteps=n_timesteps)
 
     def hift_inference(self, mel: torch.Tensor, noise: SourceNoise | None = None,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,10 +246,9 @@ class S3Gen(nn.Module):
 
     def inference(self, speech_tokens: torch.Tensor, ref: S3GenRef, cfm_noise: torch.Tensor | None = None,
                   source_noise: SourceNoise | None = None, generator: torch.Generator | None = None,
-                  finalize: bool = True, n_timesteps: int | None = None,
-                  estimator: EstimatorFn | None = None) -> torch.Tensor:
+                  finalize: bool = True, n_timesteps: int | None = None) -> torch.Tensor:
         """Speech codes -> waveform (1, L) at 24 kHz, L = 480 * mel frames, with the trim fade applied."""
-        mel = self.flow_inference(speech_tokens, ref, cfm_noise, finalize, n_timesteps, generator, estimator)
+        mel = self.flow_inference(speech_tokens, ref, cfm_noise, finalize, n_timesteps, generator)
         wav, _ = self.hift_inference(mel, source_noise, generator)
         return self.apply_trim_fade(wav)
 

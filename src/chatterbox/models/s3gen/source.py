@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ...constants import S3GEN_SR
+
 # The phase draw is U[0, 1) mapped onto [-pi, pi).
 _PHASE_LOW = -math.pi
 _PHASE_SPAN = 2.0 * math.pi
@@ -29,7 +31,7 @@ _SOURCE_CHANNELS = 1
 
 @dataclass(frozen=True)
 class SourceConfig:
-    sample_rate: int = 24000
+    sample_rate: int = S3GEN_SR
     num_harmonics: int = 9  # the fundamental plus 8 overtones
     sine_amp: float = 0.1
     voiced_noise_std: float = 0.003
@@ -37,7 +39,7 @@ class SourceConfig:
 
     @classmethod
     def published(cls) -> "SourceConfig":
-        return cls(sample_rate=24000, num_harmonics=9, sine_amp=0.1, voiced_noise_std=0.003,
+        return cls(sample_rate=S3GEN_SR, num_harmonics=9, sine_amp=0.1, voiced_noise_std=0.003,
                    voiced_threshold_hz=10.0)
 
 

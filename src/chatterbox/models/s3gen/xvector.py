@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from ...nn.conv import Conv1d
+from ...nn.dtype import as_float32, cast_floating, weight_dtype
 from .kaldi_fbank import KaldiFbankConfig
 from .kaldi_fbank import kaldi_fbank as _kaldi_fbank
 
@@ -388,9 +389,10 @@ class CAMPPlus(nn.Module):
             raise ValueError(f"CAMPPlus needs at least {min_frames} fbank frames "
                              f"({FBANK_WINDOW_SAMPLES + (min_frames - 1) * FBANK_HOP_SAMPLES} samples at "
                              f"{FBANK_SAMPLE_RATE} Hz) for its std pooling, got {feats.shape[1]}")
+        feats = cast_floating(feats, weight_dtype(self.head))
         head_out = self.head(feats.transpose(1, 2))  # (B, C_head, T)
         pooled = stats_pool(self.xvector.frames(head_out))  # (B, 2C)
-        return CAMPPlusOutputs(head_out, pooled, self.xvector.dense(pooled))
+        return CAMPPlusOutputs(as_float32(head_out), as_float32(pooled), as_float32(self.xvector.dense(pooled)))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:  # (B, T, 80) -> (B, 192)
         return self.forward_with_intermediates(feats).xvector

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ...nn.dtype import cast_floating
 from .perceiver import Perceiver, PerceiverConfig
 
 # emotion_adv is a single scalar per item.
@@ -50,6 +51,8 @@ class T3CondEnc(nn.Module):
                 emotion_adv: Tensor | None = None) -> Tensor:
         """speaker_emb (B, S) [any shape with B*S elements], prompt_emb (B, P, C) | None,
         emotion_adv (B, 1, 1) | None -> (B, L_cond, C)."""
+        dtype = self.spkr_enc.weight.dtype  # the backbone's: the prefix joins its activations as they are
+        speaker_emb, prompt_emb, emotion_adv = (cast_floating(t, dtype) for t in (speaker_emb, prompt_emb, emotion_adv))
         parts = [self.spkr_enc(speaker_emb.reshape(-1, self.cfg.speaker_embed_size))[:, None]]  # (B, 1, C)
         if prompt_emb is not None:
             parts.append(self.perceiver(prompt_emb) if self.perceiver is not None else prompt_emb)

@@ -4,21 +4,20 @@ Same math as ``LlamaModel.decode`` for a single position, arranged for small-bat
 
 * q/k/v projections are one GEMM on a packed ``(q + k + v, C)`` weight, gate/up one GEMM on a packed
   ``(2 * I, C)`` weight: 4 GEMMs a layer instead of 7.
-* The work between GEMMs and attention is two pure functions per layer, ``attention_inputs`` and
-  ``attention_outputs`` (tensors in, tensors out, no state, no cache access), which a pass may
-  replace by compiled versions (``FusedDecoder.with_kernels``) so that the norms, rotary embedding
-  and residual/activation elementwise work each become one kernel. A layer's closing residual add
-  is fused with the next layer's input norm (the final norm after the last layer).
-* Keys and values of the step are returned stacked ``(2, B, kv_heads, 1, D)`` and written with one
-  ``index_copy_`` into a cache whose ``k`` and ``v`` are the two halves of one tensor
-  (``allocate_stacked_cache``).
-* The rotary inverse frequencies are built once, not per call; the attention mask is an additive
-  float mask made once per token, not a boolean one converted in every layer.
+* Attention of a layer is a function ``attend(layer, qkv) -> attn`` given by the caller: rotary, the
+  write of the step's key/value into the request's cache and attention over it. ``decode`` passes
+  the torch reference or the Triton kernel over one request's cache tensor; ``decode_table`` the
+  Triton kernel over a table of requests' caches (one captured step serves any requests).
+* Without GEMV fusion, the work after attention is one pure function per layer (``attention_outputs``:
+  output projection, residual, norm, gate/up, SiLU gate, down projection, residual, the next layer's
+  norm), which a pass may replace by a compiled version (``with_kernels``). With GEMV fusion
+  (``kernels/fused_gemv.py``) the norms, the SiLU gate and the residual adds run inside the
+  projections: five launches a layer plus attention's; gate/up rows are then interleaved
+  (gate_0, up_0, gate_1, ...) so SiLU(gate) * up is the gate/up GEMV's epilogue.
 
-Packing copies each layer's projection weights into one tensor and then points the module's
-parameters at slices of it (``.data``), so weights are not held twice and the module's state dict is
-unchanged (same keys, shapes and values). Pack after any dtype/device change of the weights: a later
-``.data`` reassignment of a module parameter is not seen by the packed tensors.
+Packing copies each layer's projection weights into one tensor and points the module's parameters
+at slices of it (``.data``), so weights are not held twice and the module's state dict is unchanged
+(same keys, shapes and values). Pack after any dtype/device change of the weights.
 """
 from __future__ import annotations
 
@@ -29,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...kernels.decode_attention import (CacheTable, decode_attention_table, reference_decode_attention,
+                                         write_kv_table)
+from ...kernels.fused_gemv import residual_linear, rms_glu_linear, rms_linear
+from ...nn.norm import rms_norm
+from ...nn.rotary import apply_rotary
 from .llama import KVCache, LlamaConfig, LlamaModel, rope_inv_freq
+
+# attend(layer index, qkv (B, S, H + 2 KVH, D)) -> (B, S, H * D), writing the keys/values into the cache
+Attend = Callable[[int, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class PackedLayer:
     qkv: Tensor  # (q + k + v, C)
     o: Tensor  # (C, q)
     post_norm: Tensor  # (C,)
-    gate_up: Tensor  # (2 * I, C)
+    gate_up: Tensor  # (2 * I, C): [gate; up], or interleaved rows for the GEMV fusion
     down: Tensor  # (C, I)
 
 
@@ -60,11 +67,7 @@ def _pack_interleaved(gate: torch.nn.Linear, up: torch.nn.Linear) -> Tensor:
 
 
 def pack_layers(model: LlamaModel, interleave_gate_up: bool = False) -> tuple[PackedLayer, ...]:
-    """Pack every layer's projections (see the module docstring; the module's parameters become views).
-
-    ``interleave_gate_up``: gate/up rows alternate (gate_0, up_0, gate_1, ...) as
-    ``kernels.fused_gemv.rms_glu_linear`` reads them; the gate and up parameters become row-strided views.
-    """
+    """Pack every layer's projections (the module's parameters become views of the packed tensors)."""
     layers = []
     with torch.no_grad():
         for layer in model.layers:
@@ -81,44 +84,14 @@ def pack_layers(model: LlamaModel, interleave_gate_up: bool = False) -> tuple[Pa
     return tuple(layers)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """Llama RMSNorm: statistics in float32, scaled in the activation dtype (as ``llama.RMSNorm``)."""
-    x32 = x.float()
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def attention_inputs(normed: Tensor, qkv_w: Tensor, cos: Tensor, sin: Tensor, num_heads: int, num_kv_heads: int,
-                     head_dim: int, linear: Callable = F.linear) -> tuple[Tensor, Tensor]:
-    """Normed input (B, 1, C) -> (q (B, H, 1, D) with rotary, stacked new k/v (2, B, kv_heads, 1, D)).
-
-    Rotary is applied to q and k heads together and v is carried along, so a compiler emits one
-    kernel for all three; q and k/v are views of that one result.
-    """
-    b = normed.shape[0]
-    heads = linear(normed, qkv_w).view(b, 1, num_heads + 2 * num_kv_heads, head_dim)
-    rotary = num_heads + num_kv_heads
-    out = torch.cat((_rotate(heads[:, :, :rotary], cos, sin), heads[:, :, rotary:]), dim=2)
-    q = out[:, :, :num_heads].transpose(1, 2)
-    kv = out[:, :, rotary - num_kv_heads:].view(b, 1, 2, num_kv_heads, head_dim).permute(2, 0, 3, 1, 4)
-    return q, kv
-
-
 def attention_outputs(x: Tensor, attn: Tensor, o_w: Tensor, norm_w: Tensor, gate_up_w: Tensor, down_w: Tensor,
                       next_norm_w: Tensor, eps: float, linear: Callable = F.linear) -> tuple[Tensor, Tensor]:
-    """Residual x (B, 1, C) + attention (B, H, 1, D) -> (layer output, it normed for the next layer).
+    """Residual x (B, 1, C) + attention (B, 1, H * D) -> (layer output, it normed for the next layer).
 
     ``next_norm_w`` is the next layer's input norm, or the final norm after the last layer; the
-    residual add and that norm then fuse into one kernel.
+    residual add and that norm then fuse into one kernel when compiled.
     """
-    b = x.shape[0]
-    h = x + linear(attn.transpose(1, 2).reshape(b, 1, -1), o_w)
+    h = x + linear(attn, o_w)
     gate, up = linear(rms_norm(h, norm_w, eps), gate_up_w).chunk(2, dim=-1)
     out = h + linear(F.silu(gate) * up, down_w)
     return out, rms_norm(out, next_norm_w, eps)
@@ -126,7 +99,8 @@ def attention_outputs(x: Tensor, attn: Tensor, o_w: Tensor, norm_w: Tensor, gate
 
 def allocate_stacked_cache(cfg: LlamaConfig, batch: int, max_len: int, device: torch.device | str,
                            dtype: torch.dtype) -> KVCache:
-    """A zeroed ``KVCache`` whose k and v are halves of one (layers, 2, B, kv_heads, max_len, D) tensor."""
+    """A zeroed ``KVCache`` whose k and v are halves of one (layers, 2, B, kv_heads, max_len, D) tensor
+    (the layout ``CacheTable`` addresses)."""
     if max_len < 1 or max_len > cfg.max_position_embeddings:
         raise ValueError(f"cache length {max_len} outside 1..{cfg.max_position_embeddings}")
     kv = torch.zeros(cfg.num_layers, 2, batch, cfg.num_kv_heads, max_len, cfg.head_dim, device=device, dtype=dtype)
@@ -134,7 +108,7 @@ def allocate_stacked_cache(cfg: LlamaConfig, batch: int, max_len: int, device: t
 
 
 def stacked_view(cache: KVCache) -> Tensor | None:
-    """The (layers, 2, B, kv_heads, L, D) tensor behind a stacked cache (or a window of one), else None."""
+    """The (layers, 2, B, kv_heads, L, D) tensor behind a stacked cache, else None."""
     k, v = cache.k, cache.v
     if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
         return None
@@ -151,32 +125,27 @@ def stacked_view(cache: KVCache) -> Tensor | None:
 
 @dataclass(frozen=True)
 class FusedDecoder:
-    """Packed weights + the two per-layer functions (eager by default, or compiled by a pass)."""
+    """Packed weights + the per-layer functions (eager by default, or compiled by the engine)."""
 
     cfg: LlamaConfig
     layers: tuple[PackedLayer, ...]
     final_norm: Tensor
     inv_freq: Tensor  # (D/2,) float32
-    inputs_fn: Callable = attention_inputs
     outputs_fn: Callable = attention_outputs
     norm_fn: Callable = rms_norm
-    # y = x @ W.T for the projections: F.linear, or e.g. kernels.small_m_linear (a pass sets it).
+    # y = x @ W.T for the projections: F.linear, or e.g. kernels.small_m_linear.
     linear_fn: Callable = F.linear
-    # (qkv (B, H + 2 KVH, D), cos (D,), sin (D,), layer cache (2, B, KVH, L, D), position (1,), H, KVH)
-    # -> (B, H * D), writing the step's key/value into the cache: e.g. kernels.decode_attention (a
-    # pass sets it). None: rotary in ``inputs_fn``, index_copy_ and SDPA.
-    attend_fn: Callable | None = None
-    # Norms, SiLU gate and residual adds inside the projections (kernels/fused_gemv.py): five
-    # launches a layer plus attention's. Uses ``attend_fn`` (or its torch reference when None).
+    # The one-request attention of ``decode``: the torch reference, or kernels.decode_attention.
+    attend_fn: Callable = reference_decode_attention
+    # Norms, SiLU gate and residual adds inside the projections (needs interleaved gate/up rows).
     gemv_fusion: bool = False
-    # gate/up rows interleaved (pack(..., interleave_gate_up=True)): only the gemv_fusion path reads them.
-    gate_up_interleaved: bool = False
 
     @classmethod
-    def pack(cls, model: LlamaModel, interleave_gate_up: bool = False) -> "FusedDecoder":
+    def pack(cls, model: LlamaModel, gemv_fusion: bool = False) -> "FusedDecoder":
         device = model.norm.weight.device
-        return cls(cfg=model.cfg, layers=pack_layers(model, interleave_gate_up), final_norm=model.norm.weight.detach(),
-                   inv_freq=rope_inv_freq(model.cfg, device), gate_up_interleaved=interleave_gate_up)
+        return cls(cfg=model.cfg, layers=pack_layers(model, interleave_gate_up=gemv_fusion),
+                   final_norm=model.norm.weight.detach(), inv_freq=rope_inv_freq(model.cfg, device),
+                   gemv_fusion=gemv_fusion)
 
     def with_linear(self, linear_fn: Callable) -> "FusedDecoder":
         return replace(self, linear_fn=linear_fn)
@@ -184,82 +153,102 @@ class FusedDecoder:
     def with_attention(self, attend_fn: Callable) -> "FusedDecoder":
         return replace(self, attend_fn=attend_fn)
 
-    def with_gemv_fusion(self, on: bool = True) -> "FusedDecoder":
-        return replace(self, gemv_fusion=on)
+    def with_kernels(self, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
+        return replace(self, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
 
-    def with_kernels(self, inputs_fn: Callable, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
-        return replace(self, inputs_fn=inputs_fn, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
-
-    def rope(self, position: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        freqs = position.float()[:, None] * self.inv_freq[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)  # (1, D)
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Integer positions (S,) -> cos, sin (S, D) in ``dtype`` (halves repeated)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def decode(self, embeds: Tensor, position: Tensor, cache: KVCache) -> Tensor:
-        """``LlamaModel.decode`` for one token: embeds (B, 1, C) at ``position`` (1,) -> normed hidden (B, 1, C).
-
-        ``cache`` must be stacked (``allocate_stacked_cache``, or a window of one); its batch is B.
-        """
+        """``LlamaModel.decode`` for one token of one request: embeds (B, 1, C) at ``position`` (1,) ->
+        normed hidden (B, 1, C). ``cache`` must be stacked (``allocate_stacked_cache``); its batch is B."""
         cfg = self.cfg
-        if embeds.dim() != 3 or embeds.shape[1] != 1:
-            raise ValueError(f"fused decode takes one position (B, 1, C), got {tuple(embeds.shape)}")
+        self._check_embeds(embeds)
         kv = stacked_view(cache)
         if kv is None:
             raise ValueError("fused decode needs a stacked KV cache (see allocate_stacked_cache)")
         if kv.shape[0] != cfg.num_layers or kv.shape[2] != embeds.shape[0]:
             raise ValueError(f"cache (layers {kv.shape[0]}, batch {kv.shape[2]}) does not fit "
                              f"{cfg.num_layers} layers x batch {embeds.shape[0]}")
-        cos, sin = self.rope(position, embeds.dtype)
-        if self.gemv_fusion:
-            return self._decode_fused_gemv(embeds, position, kv, cos[0], sin[0])
-        if self.gate_up_interleaved:
-            raise ValueError("interleaved gate/up weights are read by the gemv_fusion decode only")
-        if self.attend_fn is None:
-            slots = torch.arange(kv.shape[4], device=embeds.device)
-            # Additive float mask built once per token (a bool mask would be converted in every layer).
-            visible = (slots[None, :] <= position[:, None])[None, None]  # (1, 1, 1, L)
-            mask = torch.zeros(visible.shape, dtype=embeds.dtype, device=embeds.device).masked_fill(
-                ~visible, float("-inf"))
-        b, heads, head_dim = embeds.shape[0], cfg.num_heads, cfg.head_dim
-        groups = cfg.num_heads // cfg.num_kv_heads
+        cos, sin = self.rope(position.reshape(1), embeds.dtype)
+        heads, kv_heads, attend = cfg.num_heads, cfg.num_kv_heads, self.attend_fn
+
+        def attend_one(i: int, qkv: Tensor) -> Tensor:
+            return attend(qkv[:, 0], cos[0], sin[0], kv[i], position, heads, kv_heads)[:, None]
+
+        return self.run_layers(embeds, attend_one)
+
+    def decode_table(self, embeds: Tensor, positions: Tensor, ptr: Tensor, length: Tensor, window: int,
+                     rows: int = 2) -> Tensor:
+        """One token for each of S requests: embeds (S * rows, 1, C), their positions (S,), and the
+        addresses/lengths of their stacked caches (see ``CacheTable``) -> normed hidden (S * rows, 1, C).
+        Attention covers cache slots [0, window). Triton only (CUDA, or the interpreter)."""
+        cfg = self.cfg
+        self._check_embeds(embeds)
+        cos, sin = self.rope(positions, embeds.dtype)
+        table = CacheTable(ptr, length, positions)
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+
+        def attend_table(i: int, qkv: Tensor) -> Tensor:
+            return decode_attention_table(qkv[:, 0], cos, sin, table, i, heads, kv_heads, window, rows)[:, None]
+
+        return self.run_layers(embeds, attend_table)
+
+    def prefill_table(self, embeds: Tensor, ptr: Tensor, length: Tensor, rows: int = 2) -> Tensor:
+        """Positions 0..S-1 of S_req requests' prompts: embeds (S_req * rows, S, C) -> normed hidden
+        (S_req * rows, S, C), keys and values written into each request's stacked cache through the
+        table (``kernels.decode_attention.write_kv_table``); causal attention over the prompt itself."""
+        cfg = self.cfg
+        s = embeds.shape[1]
+        cos, sin = self.rope(torch.arange(s, device=embeds.device), embeds.dtype)  # (S, D)
+        cos, sin = cos[:, None], sin[:, None]  # (S, 1, D): broadcast over heads
+        heads, kv_heads = cfg.num_heads, cfg.num_kv_heads
+        groups = heads // kv_heads
+
+        def attend_prompt(i: int, qkv: Tensor) -> Tensor:
+            b = qkv.shape[0]
+            q = apply_rotary(qkv[:, :, :heads], cos, sin).transpose(1, 2)  # (B, H, S, D)
+            k = apply_rotary(qkv[:, :, heads:heads + kv_heads], cos, sin).transpose(1, 2)  # (B, KVH, S, D)
+            v = qkv[:, :, heads + kv_heads:].transpose(1, 2)
+            write_kv_table(k, v, ptr, length, i, rows)
+            if groups > 1:
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, S, D)
+            return out.transpose(1, 2).reshape(b, s, heads * cfg.head_dim)
+
+        return self.run_layers(embeds, attend_prompt)
+
+    @staticmethod
+    def _check_embeds(embeds: Tensor) -> None:
+        if embeds.dim() != 3 or embeds.shape[1] != 1:
+            raise ValueError(f"fused decode takes one position (B, 1, C), got {tuple(embeds.shape)}")
+
+    def run_layers(self, embeds: Tensor, attend: Attend) -> Tensor:
+        """The decoder stack on (B, S, C) with ``attend`` for each layer's attention -> normed hidden."""
+        cfg = self.cfg
+        b, s = embeds.shape[:2]
         eps = cfg.rms_norm_eps
+        width = cfg.num_heads + 2 * cfg.num_kv_heads
         x = embeds
+        if self.gemv_fusion:
+            for i, w in enumerate(self.layers):
+                qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, s, width, cfg.head_dim)
+                h = residual_linear(attend(i, qkv), w.o, x)
+                x = residual_linear(rms_glu_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
+            return self.norm_fn(x, self.final_norm, eps)
         normed = self.norm_fn(x, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            layer_kv = kv[i]  # (2, B, kvH, L, D)
-            if self.attend_fn is not None:
-                qkv = self.linear_fn(normed, w.qkv).view(b, heads + 2 * cfg.num_kv_heads, head_dim)
-                attn = self.attend_fn(qkv, cos[0], sin[0], layer_kv, position, heads, cfg.num_kv_heads)
-                attn = attn.view(b, 1, heads, head_dim).transpose(1, 2)
-            else:
-                q, new_kv = self.inputs_fn(normed, w.qkv, cos, sin, heads, cfg.num_kv_heads, head_dim,
-                                           self.linear_fn)
-                # In-place by design, as LlamaModel.decode (see llama.py on the cache's autograd mode).
-                layer_kv.index_copy_(3, position, new_kv.to(layer_kv.dtype))
-                k, v = layer_kv[0], layer_kv[1]
-                if groups > 1:
-                    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-                attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            qkv = self.linear_fn(normed, w.qkv).view(b, s, width, cfg.head_dim)
+            attn = attend(i, qkv)
             next_norm = self.final_norm if i == last else self.layers[i + 1].input_norm
             x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps,
                                         self.linear_fn)
         return normed
 
-    def _decode_fused_gemv(self, embeds: Tensor, position: Tensor, kv: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        from ...kernels.decode_attention import reference_decode_attention
-        from ...kernels.fused_gemv import glu_linear, residual_linear, rms_glu_linear, rms_linear
 
-        cfg = self.cfg
-        attend = self.attend_fn or reference_decode_attention
-        b, eps = embeds.shape[0], cfg.rms_norm_eps
-        x = embeds
-        for i, w in enumerate(self.layers):
-            qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, cfg.num_heads + 2 * cfg.num_kv_heads, cfg.head_dim)
-            attn = attend(qkv, cos, sin, kv[i], position, cfg.num_heads, cfg.num_kv_heads).view(b, 1, -1)
-            h = residual_linear(attn, w.o, x)
-            if self.gate_up_interleaved:
-                x = residual_linear(rms_glu_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
-            else:
-                x = glu_linear(rms_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
-        return self.norm_fn(x, self.final_norm, eps)
+__all__ = ["Attend", "FusedDecoder", "PackedLayer", "allocate_stacked_cache", "attention_outputs", "pack_layers",
+           "stacked_view"]

@@ -22,6 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn.norm import rms_norm
+from ...nn.rotary import apply_rotary
+
 # Supported rotary variants: plain RoPE, and HF's "llama3" frequency rescaling.
 ROPE_LLAMA3 = "llama3"
 ROPE_DEFAULT = "default"
@@ -133,16 +136,6 @@ def rope_cos_sin(cfg: LlamaConfig, positions: Tensor, dtype: torch.dtype) -> tup
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, H, S, D); cos/sin (S, D)."""
-    return x * cos + _rotate_half(x) * sin
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -150,10 +143,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Llama normalises in float32 whatever the activation dtype, then scales in that dtype.
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LlamaAttention(nn.Module):
@@ -181,8 +171,8 @@ class LlamaAttention(nn.Module):
         True: attention over the whole cache under ``attn_mask`` (1, 1, S, max_len).
         """
         b, s, _ = x.shape
-        q = apply_rope(self._heads(self.q_proj(x), self.cfg.num_heads), cos, sin)
-        k = apply_rope(self._heads(self.k_proj(x), self.cfg.num_kv_heads), cos, sin)
+        q = apply_rotary(self._heads(self.q_proj(x), self.cfg.num_heads), cos, sin)
+        k = apply_rotary(self._heads(self.k_proj(x), self.cfg.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.cfg.num_kv_heads)
         if cache_kv is not None:
             cache_k, cache_v = cache_kv

@@ -80,24 +80,45 @@ class StepRecorder:
         return torch.stack(self.steps[name])
 
 
-def cfg_mix(cond: Tensor, uncond: Tensor, weight: float) -> Tensor:
+def cfg_mix(cond: Tensor, uncond: Tensor, weight: float | Tensor) -> Tensor:
     """Classifier-free guidance as upstream writes it: c + w * (c - u)."""
     return cond + weight * (cond - uncond)
 
 
-def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
-    return logits if temperature == 1.0 else logits / temperature
+# Per-row sampling settings, for rows of requests sampled together (``sample_rows``): one float32
+# row per request, in these columns. The top-p column holds the cut 1 - top_p, computed in double
+# precision on the host as the scalar path computes it.
+PARAM_TEMPERATURE, PARAM_CFG_WEIGHT, PARAM_TOP_P_CUT, PARAM_MIN_P, PARAM_REPETITION_PENALTY = range(5)
+N_PARAMS = 5
 
 
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+def param_row(cfg: SamplingConfig) -> list[float]:
+    """A request's settings as one row of the per-row parameter table (see ``sample_rows``)."""
+    row = [0.0] * N_PARAMS
+    row[PARAM_TEMPERATURE] = cfg.temperature
+    row[PARAM_CFG_WEIGHT] = cfg.cfg_weight
+    row[PARAM_TOP_P_CUT] = 1 - cfg.top_p
+    row[PARAM_MIN_P] = cfg.min_p
+    row[PARAM_REPETITION_PENALTY] = cfg.repetition_penalty
+    return row
+
+
+def apply_temperature(logits: Tensor, temperature: float | Tensor) -> Tensor:
+    if isinstance(temperature, float) and temperature == 1.0:
+        return logits
+    return logits / temperature
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float | Tensor) -> Tensor:
     """HF rule on every seen id: negative scores are multiplied by ``penalty``, others divided."""
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
-    """Drop ids whose probability is below ``min_p`` times the top probability (top id always kept)."""
-    if min_p <= 0.0:
+def apply_min_p(logits: Tensor, min_p: float | Tensor) -> Tensor:
+    """Drop ids whose probability is below ``min_p`` times the top probability (top id always kept).
+    A row with ``min_p`` 0 is left unchanged (no probability is below zero)."""
+    if isinstance(min_p, float) and min_p <= 0.0:
         return logits
     probs = logits.softmax(dim=-1)
     threshold = min_p * probs.amax(dim=-1, keepdim=True)
@@ -110,9 +131,15 @@ def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         # Only zero-probability ids could go, which changes no probability.
         return logits
+    return apply_top_p_cut(logits, 1 - top_p)
+
+
+def apply_top_p_cut(logits: Tensor, cut: float | Tensor) -> Tensor:
+    """``apply_top_p`` given the cut ``1 - top_p`` (a float, or per row (B, 1)). A cut of 0 drops only
+    ids of zero probability, which changes no probability."""
     sorted_logits, order = torch.sort(logits, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative <= (1 - top_p)
+    drop_sorted = cumulative <= cut
     drop_sorted = torch.cat((drop_sorted[..., :-1], torch.zeros_like(drop_sorted[..., -1:])), dim=-1)
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
@@ -134,6 +161,40 @@ def process_logits(logits: Tensor, seen: Tensor, cfg: SamplingConfig, record: Re
     return logits
 
 
+@dataclass(frozen=True)
+class RowProcessing:
+    """What ``sample_rows`` computes for a batch, fixed when a step is built (e.g. captured): the
+    processor order, and whether min-p and top-p run at all (a batch where every row has min_p 0
+    and top_p 1 may skip them; they would change nothing)."""
+
+    order: tuple[str, ...] = STREAM_ORDER
+    min_p: bool = True
+    top_p: bool = True
+
+    @classmethod
+    def for_rows(cls, rows: "list[SamplingConfig]", order: tuple[str, ...]) -> "RowProcessing":
+        return cls(order=tuple(order), min_p=any(r.min_p > 0.0 for r in rows), top_p=any(r.top_p < 1.0 for r in rows))
+
+
+def sample_rows(logits: Tensor, seen: Tensor, race: Tensor, params: Tensor, proc: RowProcessing) -> Tensor:
+    """One token for each of B requests: logits (B, 2, V) of [cond, uncond], seen (B, V), race (B, V)
+    of Exp(1) draws, params (B, N_PARAMS) (``param_row``) -> tokens (B, 1). The same math as
+    ``sample_next`` row by row; pure tensors in and out, so a runner may compile and capture it."""
+    col = params.to(logits.dtype)
+    guided = cfg_mix(logits[:, 0], logits[:, 1], col[:, PARAM_CFG_WEIGHT:PARAM_CFG_WEIGHT + 1])
+    for stage in proc.order:
+        if stage == TEMPERATURE:
+            guided = apply_temperature(guided, col[:, PARAM_TEMPERATURE:PARAM_TEMPERATURE + 1])
+        elif stage == REPETITION_PENALTY:
+            guided = apply_repetition_penalty(guided, seen, col[:, PARAM_REPETITION_PENALTY:PARAM_REPETITION_PENALTY + 1])
+        elif stage == MIN_P:
+            if proc.min_p:
+                guided = apply_min_p(guided, col[:, PARAM_MIN_P:PARAM_MIN_P + 1])
+        elif proc.top_p:
+            guided = apply_top_p_cut(guided, col[:, PARAM_TOP_P_CUT:PARAM_TOP_P_CUT + 1])
+    return pick_by_race(guided.softmax(dim=-1), race)
+
+
 def exponential_race(like: Tensor, generator: torch.Generator | None) -> Tensor:
     """Exp(1) draws shaped like ``like`` (the random half of a categorical draw, see ``pick_by_race``)."""
     return torch.empty_like(like).exponential_(1, generator=generator)
@@ -142,14 +203,6 @@ def exponential_race(like: Tensor, generator: torch.Generator | None) -> Tensor:
 def pick_by_race(probs: Tensor, race: Tensor) -> Tensor:
     """``argmax(p / E)`` per row (B, V) -> (B, 1): with E ~ Exp(1) it picks id i with probability p_i."""
     return (probs / race).argmax(dim=-1, keepdim=True)
-
-
-def race_pick(raw_logits: Tensor, seen: Tensor, race: Tensor, cfg: SamplingConfig) -> Tensor:
-    """The graphed decode's draw: raw logits (2, V) of [cond, uncond] -> guided, processed
-    probabilities -> ``pick_by_race`` (1, 1) with ``race`` (1, V) from ``exponential_race``. Pure
-    tensors in and out, so a pass may compile it into a few kernels."""
-    guided = cfg_mix(raw_logits[0:1], raw_logits[1:2], cfg.cfg_weight)
-    return pick_by_race(process_logits(guided, seen, cfg).softmax(dim=-1), race)
 
 
 def new_seen(batch: int, vocab: int, first_ids: Tensor) -> Tensor:

@@ -7,22 +7,22 @@ second BOS (both at learned speech position 0); generated token i is fed at spee
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ...constants import DEFAULT_STOP_CHECK_EVERY
 from .cond import T3Cond
 from .cond_enc import T3CondEnc, T3CondEncConfig
+from ...nn.dtype import cast_floating
 from .llama import KVCache, LlamaConfig, LlamaModel
 from .sampling import STREAM_ORDER, Recorder, SamplingConfig, mark_seen, new_seen, sample_next
 
 # The CFG batch: row 0 conditional, row 1 unconditional (text token embeddings zeroed).
 CFG_BATCH = 2
 UNCOND_ROW = 1
-# Stop-token checks (one host sync each) happen once per this many generated tokens by default.
-DEFAULT_STOP_CHECK_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,14 @@ class T3Config:
         )
 
     @classmethod
+    def tiny_pipeline(cls, speaker_embed_size: int) -> "T3Config":
+        """A tiny backbone with the published vocabularies and special tokens (it reads the real text
+        tokenizer and S3 speech codes), for fast end-to-end tests."""
+        cond = T3CondEncConfig.tiny()
+        return replace(cls.published(), llama=LlamaConfig.tiny(),
+                       cond_enc=replace(cond, speaker_embed_size=speaker_embed_size))
+
+    @classmethod
     def tiny(cls) -> "T3Config":
         return cls(
             text_vocab_size=32, speech_vocab_size=40, start_text_token=30, stop_text_token=0,
@@ -87,24 +95,6 @@ class LearnedPositions(nn.Module):
 
     def at(self, positions: Tensor) -> Tensor:
         return self.emb(positions)
-
-
-class TokenDecoder(Protocol):
-    """What ``T3.generate_tokens`` needs from an explicit decode runner (see ``graphed.T3GraphDecoder``)."""
-
-    def cache(self, min_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        """A (batch 2) cache of at least ``min_len`` slots that ``tokens`` will decode into."""
-        ...
-
-    def prefill(self, embeds: Tensor, cache: KVCache) -> Tensor:
-        """``T3.prefill`` of the prompt ``embeds`` (2, P, C) into ``cache`` -> logits (2, V)."""
-        ...
-
-    def tokens(self, logits: Tensor, seen: Tensor, prefix: int, sampling: SamplingConfig,
-               generator: torch.Generator | None, steps: int) -> Iterator[Tensor]:
-        """``steps`` sampled tokens (1, 1) from the prefill ``logits`` (2, V) and ``seen`` (1, V); the
-        k-th is fed back (decoded at backbone position ``prefix + k``) before it is yielded."""
-        ...
 
 
 @dataclass
@@ -183,8 +173,15 @@ class T3(nn.Module):
         n, m = text_tokens.shape[1], speech_tokens.shape[1]
         text_latents = _mask_tail(hidden[:, len_cond:len_cond + n], text_token_lens)
         speech_latents = _mask_tail(hidden[:, len_cond + n:len_cond + n + m], speech_token_lens)
-        return T3Output(self.text_head(text_latents), self.speech_head(speech_latents),
+        return T3Output(self.text_logits(text_latents), self.speech_logits(speech_latents),
                         text_latents, speech_latents, hidden)
+
+    def speech_logits(self, hidden: Tensor) -> Tensor:
+        """Hidden states (..., C) -> speech logits (..., V) from the head's own dtype (float32 by default)."""
+        return self.speech_head(cast_floating(hidden, self.speech_head.weight.dtype))
+
+    def text_logits(self, hidden: Tensor) -> Tensor:
+        return self.text_head(cast_floating(hidden, self.text_head.weight.dtype))
 
     # ----------------------------------------------------------------- generation
     def init_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
@@ -194,19 +191,23 @@ class T3(nn.Module):
     def prefill(self, embeds: Tensor, cache: KVCache) -> Tensor:
         """Prefill positions 0..S-1 into ``cache``; -> speech logits of the last position (B, V)."""
         hidden = self.tfmr(embeds, cache)
-        return self.speech_head(hidden[:, -1])
+        return self.speech_logits(hidden[:, -1])
 
     def decode_step(self, embeds: Tensor, position: Tensor, cache: KVCache) -> Tensor:
         """One token (B, 1, C) at backbone ``position`` (1,) -> speech logits (B, V). Fixed shapes."""
         hidden = self.tfmr.decode(embeds, position, cache)
-        return self.speech_head(hidden[:, -1])
+        return self.speech_logits(hidden[:, -1])
 
     def next_token_embeds(self, token: Tensor, speech_position: Tensor) -> Tensor:
-        """Sampled token (1, 1) at learned speech position (1,) -> the CFG pair's input (2, 1, C)."""
-        emb = self.speech_emb(token) + self.speech_pos_emb.at(speech_position)[None]  # (1, 1, C)
-        return emb.expand(CFG_BATCH, -1, -1)
+        """Sampled tokens (B, 1) at learned speech positions (B,) -> the CFG pairs' input (2B, 1, C),
+        rows 2i and 2i + 1 both request i's."""
+        emb = self.speech_emb(token) + self.speech_pos_emb.at(speech_position)[:, None]  # (B, 1, C)
+        b, _, c = emb.shape
+        return emb[:, None].expand(b, CFG_BATCH, 1, c).reshape(b * CFG_BATCH, 1, c)
 
-    def _bos_prefill(self, t3_cond: T3Cond, text_tokens: Tensor) -> Tensor:
+    def prompt_embeds(self, t3_cond: T3Cond, text_tokens: Tensor) -> Tensor:
+        """The generation prompt (2, P, C): [cond | text | BOS] followed by a second BOS, both BOS at
+        learned speech position 0 (upstream's layout). ``text_tokens`` is the checked CFG pair."""
         sos = torch.full((text_tokens.shape[0], 1), self.cfg.start_speech_token, dtype=torch.long,
                          device=text_tokens.device)
         embeds, _ = self.prepare_input_embeds(t3_cond, text_tokens, sos)
@@ -214,16 +215,25 @@ class T3(nn.Module):
         bos = self.next_token_embeds(sos[:1], zero)  # second BOS, also at speech position 0
         return torch.cat((embeds, bos), dim=1)
 
-    def _check_text(self, text_tokens: Tensor) -> Tensor:
+    def check_text(self, text_tokens: Tensor) -> Tensor:
+        """The CFG pair (2, n) as int64 on this model's device; raises unless every row holds the start
+        and stop text tokens. One host sync per call (not per token), as upstream's _ensure_BOT_EOT."""
         text_tokens = torch.atleast_2d(text_tokens).to(dtype=torch.long, device=self.device)
         if text_tokens.shape[0] != CFG_BATCH:
             raise ValueError(f"text_tokens must be the CFG pair (2, n), got {tuple(text_tokens.shape)}")
-        # One host sync per call (not per token), as upstream's _ensure_BOT_EOT.
         counts = torch.stack(((text_tokens == self.cfg.start_text_token).sum(),
                               (text_tokens == self.cfg.stop_text_token).sum())).tolist()
         if counts[0] < CFG_BATCH or counts[1] < CFG_BATCH:
             raise ValueError("text_tokens must contain the start and stop text tokens in every row")
         return text_tokens
+
+    def check_new_tokens(self, max_new_tokens: int) -> int:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_new_tokens > self.cfg.speech_pos_emb_len:
+            raise ValueError(f"{max_new_tokens} new tokens exceed the speech position table "
+                             f"({self.cfg.speech_pos_emb_len})")
+        return max_new_tokens
 
     def generate_tokens(
         self, t3_cond: T3Cond, text_tokens: Tensor, max_new_tokens: int, *,
@@ -231,64 +241,46 @@ class T3(nn.Module):
         repetition_penalty: float = 2.0, order: tuple[str, ...] = STREAM_ORDER,
         generator: torch.Generator | None = None, forced_tokens: Tensor | None = None,
         block_size: int = DEFAULT_STOP_CHECK_EVERY, recorder: Recorder | None = None,
-        cache: KVCache | None = None, decoder: TokenDecoder | None = None,
+        cache: KVCache | None = None,
     ) -> Iterator[Tensor]:
-        """Yield new speech tokens in blocks (1, <= block_size), ending with the block that holds the
-        stop token (kept) or the last block when ``max_new_tokens`` is reached.
-
-        One host sync per block (the stop check; with a ``decoder`` on CUDA it is read one block late,
-        see ``_lagged_stop_checked_blocks``, so the GPU never waits for it). Steps sampled after a
-        stop token inside a block are computed and discarded; a ``recorder`` therefore may hold up
-        to ``block_size - 1`` extra steps after the stop. ``forced_tokens`` (1, K) replays tokens instead of sampling and caps the steps at K.
-
-        ``decoder``: an explicit per-token runner (e.g. the CUDA-graphed ``T3GraphDecoder`` that the
-        pipeline owns) that samples, feeds the token back and decodes in one call; it owns the KV
-        cache, and takes neither ``cache``, ``forced_tokens`` nor ``recorder``. None: the eager loop.
+        """The reference generation loop (eager, batch 1): new speech tokens in blocks (1, <= block_size),
+        ending with the block that holds the stop token (kept) or the last block when ``max_new_tokens``
+        is reached. One host sync per block (the stop check); steps sampled after a stop token inside
+        a block are discarded. ``forced_tokens`` (1, K) replays tokens instead of sampling (parity
+        replays) and caps the steps at K. The engine's runners (``chatterbox.engine``) generate with
+        the same math on their own state.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if decoder is not None and (cache is not None or forced_tokens is not None or recorder is not None):
-            raise ValueError("a decoder owns its cache and always samples: pass no cache, forced_tokens or recorder")
-        if decoder is not None and getattr(decoder, "t3", self) is not self:
-            raise ValueError("this decoder was built for another T3 model")
         sampling = SamplingConfig(temperature=temperature, cfg_weight=cfg_weight, top_p=top_p, min_p=min_p,
                                   repetition_penalty=repetition_penalty, order=tuple(order))
-        text_tokens = self._check_text(text_tokens)
-        steps = max_new_tokens
+        text_tokens = self.check_text(text_tokens)
+        steps = self.check_new_tokens(max_new_tokens)
         if forced_tokens is not None:
             forced_tokens = torch.atleast_2d(forced_tokens).to(dtype=torch.long, device=self.device)
             steps = min(steps, forced_tokens.shape[1])
-        if steps > self.cfg.speech_pos_emb_len:
-            raise ValueError(f"{steps} new tokens exceed the speech position table ({self.cfg.speech_pos_emb_len})")
 
-        embeds = self._bos_prefill(t3_cond, text_tokens)  # (2, P, C)
+        embeds = self.prompt_embeds(t3_cond, text_tokens)  # (2, P, C)
         prefix = embeds.shape[1]
         need = prefix + steps - 1  # the last sampled token is never fed back
-        if decoder is not None:
-            # a fused step also decodes after the last token, hence one more slot
-            cache = decoder.cache(need + 1, embeds.device, embeds.dtype)
-        elif cache is None:
+        if cache is None:
             cache = self.init_cache(CFG_BATCH, need, embeds.device, embeds.dtype)
         elif cache.max_len < need or cache.batch != CFG_BATCH:
             raise ValueError(f"cache (batch {cache.batch}, length {cache.max_len}) is smaller than "
                              f"(batch {CFG_BATCH}, length {need})")
-        logits = self.prefill(embeds, cache) if decoder is None else decoder.prefill(embeds, cache)  # (2, V)
-
+        logits = self.prefill(embeds, cache)  # (2, V)
         sos = torch.full((1, 1), self.cfg.start_speech_token, dtype=torch.long, device=embeds.device)
         seen = new_seen(1, self.cfg.speech_vocab_size, sos)  # the initial BOS counts as generated
-        if decoder is not None:
-            tokens = decoder.tokens(logits, seen, prefix, sampling, generator, steps)
-        else:
-            position = torch.full((1,), prefix, dtype=torch.long, device=embeds.device)
-            speech_position = torch.ones(1, dtype=torch.long, device=embeds.device)
-            tokens = self._eager_tokens(logits, seen, position, speech_position, cache, sampling, generator,
-                                        steps, forced_tokens, recorder)
-        if decoder is not None and embeds.device.type == "cuda":
-            yield from self._lagged_stop_checked_blocks(tokens, steps, block_size)
-        else:
-            yield from self._stop_checked_blocks(tokens, steps, block_size)
+        position = torch.full((1,), prefix, dtype=torch.long, device=embeds.device)
+        speech_position = torch.ones(1, dtype=torch.long, device=embeds.device)
+        tokens = self._eager_tokens(logits, seen, position, speech_position, cache, sampling, generator,
+                                    steps, forced_tokens, recorder)
+        for block in token_blocks(tokens, steps, block_size):
+            stops = (block[0] == self.cfg.stop_speech_token).nonzero()  # the per-block host sync
+            if stops.numel():
+                yield block[:, :int(stops[0, 0]) + 1]
+                return
+            yield block
 
     def _eager_tokens(self, logits: Tensor, seen: Tensor, position: Tensor, speech_position: Tensor,
                       cache: KVCache, sampling: SamplingConfig, generator: torch.Generator | None, steps: int,
@@ -305,68 +297,29 @@ class T3(nn.Module):
             position = position + 1
             speech_position = speech_position + 1
 
-    @staticmethod
-    def _blocks(tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
-        """Tokens (1, 1) joined into blocks (1, <= block_size); the last block ends at step ``steps``."""
-        block: list[Tensor] = []
-        for step, token in enumerate(tokens):
-            block.append(token)
-            if len(block) == block_size or step == steps - 1:
-                yield torch.cat(block, dim=1)
-                block = []
-
-    def _stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
-        for chunk in self._blocks(tokens, steps, block_size):
-            stops = (chunk[0] == self.cfg.stop_speech_token).nonzero()  # the per-block host sync
-            if stops.numel():
-                yield chunk[:, :int(stops[0, 0]) + 1]
-                return
-            yield chunk
-
-    def _lagged_stop_checked_blocks(self, tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
-        """``_stop_checked_blocks`` without stalling the GPU: a block's stop check is copied to pinned
-        host memory asynchronously and read after the next block has been queued, so the device always
-        has a block of work while the host waits. A block is yielded one block late, and up to
-        ``2 * block_size - 1`` steps after a stop are computed and discarded (``block_size - 1`` in the
-        unlagged check). The CUDA-graphed decoder uses it."""
-        pending: tuple[Tensor, Tensor, torch.cuda.Event] | None = None
-        for chunk in self._blocks(tokens, steps, block_size):
-            hit = chunk[0] == self.cfg.stop_speech_token
-            first = torch.where(hit.any(), hit.int().argmax(), -1)
-            host = torch.empty((), dtype=torch.long, pin_memory=True)
-            host.copy_(first, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            if pending is not None:
-                done, stopped = self._settle(*pending)
-                yield done
-                if stopped:
-                    return
-            pending = (chunk, host, event)
-        if pending is not None:
-            yield self._settle(*pending)[0]
-
-    @staticmethod
-    def _settle(chunk: Tensor, host: Tensor, event: "torch.cuda.Event") -> tuple[Tensor, bool]:
-        event.synchronize()
-        stop = int(host)
-        return (chunk, False) if stop < 0 else (chunk[:, :stop + 1], True)
-
     def inference(
         self, t3_cond: T3Cond, text_tokens: Tensor, max_new_tokens: int, *,
         temperature: float = 0.8, cfg_weight: float = 0.5, top_p: float = 0.8, min_p: float = 0.0,
         repetition_penalty: float = 2.0, order: tuple[str, ...] = STREAM_ORDER,
         generator: torch.Generator | None = None, forced_tokens: Tensor | None = None,
         stop_check_every: int = DEFAULT_STOP_CHECK_EVERY, recorder: Recorder | None = None,
-        decoder: TokenDecoder | None = None,
     ) -> Tensor:
         """Generate speech tokens (1, N), including the stop token when one was sampled."""
         blocks = list(self.generate_tokens(
             t3_cond, text_tokens, max_new_tokens, temperature=temperature, cfg_weight=cfg_weight,
             top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty, order=order,
-            generator=generator, forced_tokens=forced_tokens, block_size=stop_check_every, recorder=recorder,
-            decoder=decoder))
+            generator=generator, forced_tokens=forced_tokens, block_size=stop_check_every, recorder=recorder))
         return torch.cat(blocks, dim=1)
+
+
+def token_blocks(tokens: Iterator[Tensor], steps: int, block_size: int) -> Iterator[Tensor]:
+    """Tokens (1, 1) joined into blocks (1, <= block_size); the last block ends at step ``steps``."""
+    block: list[Tensor] = []
+    for step, token in enumerate(tokens):
+        block.append(token)
+        if len(block) == block_size or step == steps - 1:
+            yield torch.cat(block, dim=1)
+            block = []
 
 
 def _mask_tail(latents: Tensor, lens: Tensor | None) -> Tensor:
