@@ -175,6 +175,7 @@ def test_host_to_device_on_the_cpu():
     assert host_to_device(x, "cpu") is x
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_host_to_device_on_cuda_is_asynchronous_and_exact():
     arr = np.random.default_rng(0).standard_normal(100_000).astype(np.float32)
@@ -275,6 +276,7 @@ def test_profile_conds_stage_breakdown_on_the_tiny_pipeline(tiny, capsys):
     assert "campplus.net" in printed and "sum of stages" in printed
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_voice_encoder_lstm_weights_stay_in_one_cudnn_buffer_after_a_move():
     import warnings

@@ -1,42 +1,51 @@
-"""Optimisation toggles: OptConfig specs, each pass on vs off, switching configurations in any order,
-the CUDA-graph wrapper and runners (CPU: padding equivalence, eager runner logic, error paths;
-GPU-marked tests capture for real).
+"""Optimisation settings and the runtime built from them: OptConfig specs, the one-shot passes
+(``optim.passes``), the engine's own copy of the weights (``engine.materialize``), switching
+configurations in any order (``ChatterboxTTS.set_opt`` / ``with_opt``), compile and CUDA-graph module
+swaps (CPU: padding equivalence, delegation, error paths; GPU-marked tests capture for real).
 
 Tolerances: float32 toggles (channels_last 4-D convolutions, attention backend, compile) must match
 within 1e-5 * max(1, max|ref|); reduced precision must keep an SNR of >= 30 dB (bfloat16) or
->= 40 dB (float16) against float32 on these small random-weight models.
+>= 40 dB (float16) against float32 on these small random-weight models. Switching configurations is
+exact: an engine built after any other one gives the outputs of a freshly loaded model.
 """
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from chatterbox import passes
-from chatterbox.graphed import BucketedEstimator, T3GraphDecoder, race_draw
+from chatterbox import ChatterboxTTS
+from chatterbox.constants import S3GEN_SR
+from chatterbox.engine import Engine
+from chatterbox.engine.graph_modules import BucketedEstimator, GraphedForward
+from chatterbox.engine.graphs import GraphRegistry
+from chatterbox.engine.materialize import materialize, models_get
+from chatterbox.engine.t3_runner import EagerT3Runner, GraphedT3Runner
+from chatterbox.loader import Models, build_tiny_models
 from chatterbox.models.s3gen.cfm import CausalCFM, CFMConfig
 from chatterbox.models.s3gen.decoder import ConditionalDecoder, ConditionalDecoderConfig
-from chatterbox.models.s3gen.flow import FlowConfig
-from chatterbox.models.s3gen.hift import HiFTConfig, fold_weight_norm
-from chatterbox.models.s3gen.s3gen import S3Gen, S3GenConfig
 from chatterbox.models.s3gen.source import SourceNoise
-from chatterbox.models.s3gen.xvector import CAMPPlusConfig
-from chatterbox.models.s3tokenizer import S3TokenizerConfig
 from chatterbox.models.t3.cond import T3Cond
-from chatterbox.models.t3.t3 import T3, T3Config
-from chatterbox.models.voice_encoder import VoiceEncoder, VoiceEncoderConfig
+from chatterbox.models.t3.t3 import T3Config
 from chatterbox.nn.conv import Conv1d, ConvTranspose1d
 from chatterbox.nn.cuda_graph import DISABLE_ENV, CudaGraph, GraphSignatureError
-from chatterbox.opt import COMPONENTS, ComponentOpt, OptConfig
-from chatterbox.passes import OptState, apply_opt, apply_to_components, pipeline_components, reset_components
+from chatterbox.opt import COMPONENTS as COMPAT_COMPONENTS
+from chatterbox.opt import OptConfig as CompatOptConfig
+from chatterbox.optim import ComponentOpt, OptConfig, apply_component_passes, apply_passes, attention_context
+from chatterbox.optim.components import component_specs, find_components
+from chatterbox.optim.config import COMPONENTS
+from chatterbox.text import EnTokenizer
+from chatterbox.text_vocab import write_tokenizer_json
+from chatterbox.voice import synthetic_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32_RTOL = 1e-5
 SNR_MIN = {"bfloat16": 30.0, "float16": 40.0}
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -60,17 +69,6 @@ def assert_fp32_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert float((actual - expected).abs().max()) <= tol
 
 
-def tiny_pipeline(seed: int = 0) -> SimpleNamespace:
-    torch.manual_seed(seed)
-    cfg = S3GenConfig(tokenizer=S3TokenizerConfig.tiny(), speaker_encoder=CAMPPlusConfig.tiny(),
-                      flow=FlowConfig.tiny(), hift=HiFTConfig.tiny())
-    s3gen, t3, ve = S3Gen(cfg), T3(T3Config.tiny()), VoiceEncoder(VoiceEncoderConfig.tiny())
-    fold_weight_norm(s3gen.mel2wav)
-    for m in (s3gen, t3, ve):
-        m.eval().requires_grad_(False)
-    return SimpleNamespace(t3=t3, s3gen=s3gen, ve=ve)
-
-
 def t3_inputs(cfg: T3Config) -> tuple[T3Cond, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     cond = T3Cond(speaker_emb=torch.randn(1, cfg.cond_enc.speaker_embed_size, generator=g),
@@ -80,49 +78,79 @@ def t3_inputs(cfg: T3Config) -> tuple[T3Cond, torch.Tensor, torch.Tensor]:
     return cond, text, speech
 
 
-def component_outputs(p: SimpleNamespace) -> dict[str, torch.Tensor]:
-    """One float32 output per component of the tiny pipeline, on fixed inputs."""
+def component(models: Models, name: str) -> torch.nn.Module:
+    return models_get(models, component_specs()[name].path)
+
+
+def component_outputs(p: Models) -> dict[str, torch.Tensor]:
+    """One float32 output per component of the tiny pipeline, on fixed float32 inputs."""
     g = torch.Generator().manual_seed(2)
     s3, flow, hift = p.s3gen, p.s3gen.flow, p.s3gen.mel2wav
     wav16 = 0.1 * torch.randn(16000, generator=g)
     mel = s3.tokenizer.log_mel(wav16[None])
-    n_feats = flow.decoder.estimator.cfg.n_feats
+    est = flow.decoder.estimator
+    n_feats = est.cfg.n_feats
     frames = 24
     est_in = (torch.randn(2, n_feats, frames, generator=g), torch.ones(2, 1, frames),
               torch.randn(2, n_feats, frames, generator=g), torch.rand(2, generator=g),
-              torch.randn(2, flow.decoder.estimator.cfg.spk_dim, generator=g),
+              torch.randn(2, est.cfg.spk_dim, generator=g),
               torch.randn(2, n_feats, frames, generator=g))
     hift_mel = torch.randn(1, hift.cfg.n_mels, 12, generator=g)
     noise = SourceNoise.draw(1, 12 * hift.cfg.samples_per_frame, torch.Generator().manual_seed(3),
                              num_harmonics=hift.cfg.source.num_harmonics)
     cond, text, speech = t3_inputs(p.t3.cfg)
-    return {
-        "s3tokenizer": s3.tokenizer.encoder(mel, torch.tensor([mel.shape[-1]]))[0],
-        "voice_encoder": p.ve(torch.randn(3, 160, 40, generator=g)),
-        "campplus": s3.speaker_encoder.inference(wav16[None]),
-        "t3": p.t3(cond, text, speech).speech_logits,
-        "flow_encoder": flow.encoder(torch.randn(1, 10, flow.encoder.cfg.input_dim, generator=g)),
-        "cfm_estimator": flow.decoder.estimator(*est_in),
-        "hift": hift(hift_mel, noise)[0],
-    }
+    with torch.inference_mode():
+        return {
+            "s3tokenizer": s3.tokenizer.encoder(mel, torch.tensor([mel.shape[-1]]))[0],
+            "voice_encoder": p.ve(torch.randn(3, 160, 40, generator=g)),
+            "campplus": s3.speaker_encoder.inference(wav16[None]),
+            "t3": p.t3(cond, text, speech).speech_logits,
+            "flow_encoder": flow.encoder(torch.randn(1, 10, flow.encoder.cfg.input_dim, generator=g)),
+            "cfm_estimator": est(*est_in),
+            "hift": hift(hift_mel, noise)[0],
+        }
 
 
-def snapshot(p: SimpleNamespace) -> dict[str, torch.Tensor]:
+def state_snapshot(p: Models) -> dict[str, torch.Tensor]:
     out = {}
-    for name, m in (("t3", p.t3), ("s3gen", p.s3gen), ("ve", p.ve)):
-        for k, v in m.state_dict().items():
-            out[f"{name}.{k}"] = v.clone()
+    for name in ("t3", "s3gen", "ve"):
+        for k, v in getattr(p, name).state_dict().items():
+            out[f"{name}.{k}"] = v.detach().clone()
     return out
 
 
-@pytest.fixture(scope="module")
-def pipe() -> SimpleNamespace:
-    return tiny_pipeline()
+def assert_same_state(p: Models, snapshot: dict[str, torch.Tensor]) -> None:
+    now = state_snapshot(p)
+    assert now.keys() == snapshot.keys()
+    for k, v in snapshot.items():
+        assert now[k].dtype == v.dtype and now[k].stride() == v.stride() and torch.equal(now[k], v), k
+
+
+def assert_all_float32(p: Models) -> None:
+    for name in ("t3", "s3gen", "ve"):
+        for k, v in getattr(p, name).state_dict().items():
+            assert not v.is_floating_point() or v.dtype == torch.float32, f"{name}.{k}"
 
 
 @pytest.fixture(scope="module")
-def reference_outputs(pipe) -> dict[str, torch.Tensor]:
-    return component_outputs(pipe)
+def weights() -> Models:
+    """The float32 weights every engine copy in this module is made from (never changed)."""
+    return build_tiny_models(0)
+
+
+@pytest.fixture(scope="module")
+def weights_snapshot(weights) -> dict[str, torch.Tensor]:
+    return state_snapshot(weights)
+
+
+@pytest.fixture(scope="module")
+def reference_outputs(weights) -> dict[str, torch.Tensor]:
+    return component_outputs(weights)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> EnTokenizer:
+    return EnTokenizer(write_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json"))
 
 
 # ---------------------------------------------------------------------------------------- OptConfig
@@ -142,6 +170,11 @@ def test_presets_and_names():
         OptConfig.from_name("turbo")
 
 
+def test_compat_import_path_is_the_same_config():
+    assert CompatOptConfig is OptConfig and COMPAT_COMPONENTS == COMPONENTS
+    assert not hasattr(OptConfig(), "overlap_s3gen")
+
+
 def test_parse_specs_aliases_and_round_trip():
     opt = OptConfig.parse("reference+t3.dtype=bf16+hift.channels_last=1+cfm_steps=6+autograd_mode=no_grad"
                           "+cfm_estimator.compile=max-autotune+attention_backend=math")
@@ -149,10 +182,24 @@ def test_parse_specs_aliases_and_round_trip():
     assert opt.autograd_mode == "no_grad" and opt.cfm_estimator.compile == "max-autotune"
     assert OptConfig.parse(opt.to_spec()) == opt
     assert OptConfig.parse("fast") == OptConfig.fast()
+    assert OptConfig.parse(OptConfig.cpu().to_spec()) == OptConfig.cpu()
     assert OptConfig.parse("fast+t3.cuda_graphs=off").t3 == ComponentOpt(dtype="bfloat16", compile="default")
     assert OptConfig.parse("t3.dtype=fp16").t3.dtype == "float16"  # no preset: reference
     assert OptConfig.parse("reference+cfm_estimator.compile=none").cfm_estimator.compile is None
     assert OptConfig.reference().to_spec() == "reference"
+    graphed = OptConfig.parse("reference+t3_fused_decode=1+t3_decode_attention=1+t3.cuda_graphs=1")
+    assert graphed.t3.cuda_graphs and graphed.t3_decode_attention and graphed.t3_fused_decode
+
+
+@pytest.mark.parametrize("opt", [OptConfig.fast(), OptConfig.reference().replace(
+    t3_fused_decode=True, t3_decode_attention=True).with_component("t3", cuda_graphs=True)], ids=["fast", "graphed"])
+def test_to_spec_round_trips_configs_with_a_graphed_t3(opt):
+    assert OptConfig.parse(opt.to_spec()) == opt
+
+
+def test_parse_does_not_depend_on_the_order_of_items():
+    want = OptConfig.parse("reference+t3_fused_decode=1+t3_decode_attention=1+t3_gemv=1+t3.cuda_graphs=1")
+    assert OptConfig.parse("reference+t3.cuda_graphs=1+t3_gemv=1+t3_decode_attention=1+t3_fused_decode=1") == want
 
 
 @pytest.mark.parametrize("spec, match", [
@@ -169,50 +216,118 @@ def test_parse_specs_aliases_and_round_trip():
     ("reference+hift.cuda_graphs=1", "no CUDA-graph runner"),
     ("reference+attention_backend=xformers", "attention_backend"),
     ("reference+autograd_mode=training", "autograd_mode"),
+    ("reference+t3.cuda_graphs=1", "t3_decode_attention"),
+    ("reference+t3_fused_decode=1+t3.cuda_graphs=1", "t3_decode_attention"),
+    ("fast+t3_decode_attention=0", "t3_decode_attention"),
+    ("reference+t3_gemv=1", "t3_fused_decode"),
+    ("reference+t3_decode_attention=1", "t3_fused_decode"),
+    ("reference+t3_gemv_fusion=1", "t3_fused_decode"),
+    ("reference+overlap_s3gen=1", "unknown OptConfig field"),  # removed
 ])
 def test_parse_errors_are_clear(spec, match):
     with pytest.raises(ValueError, match=match):
         OptConfig.parse(spec)
 
 
-# ---------------------------------------------------------------------------------------- float32 toggles
+def test_t3_cuda_graphs_without_decode_attention_names_it():
+    with pytest.raises(ValueError, match=r"t3\.cuda_graphs needs t3_decode_attention"):
+        OptConfig.parse("reference+t3.cuda_graphs=1")
+
+
+# ---------------------------------------------------------------------------------------- passes
+def test_apply_passes_changes_modules_once_in_place_outside_inference_mode():
+    p = build_tiny_models(6)
+    norm = p.t3.tfmr.norm.weight
+    conv_pre = p.s3gen.mel2wav.conv_pre
+    modules_before = {id(m) for m in p.s3gen.modules()}
+    opt = OptConfig.parse("t3.dtype=bf16+hift.channels_last=1")
+    with torch.inference_mode():
+        assert apply_passes(p.t3, opt) is p.t3
+        assert apply_passes(p.s3gen, opt) is p.s3gen
+    # in place: the same module and parameter objects, their data converted
+    assert p.t3.tfmr.norm.weight is norm and norm.dtype == torch.bfloat16
+    assert p.s3gen.mel2wav.conv_pre is conv_pre and conv_pre.run_as_4d and conv_pre.channels_last
+    assert {id(m) for m in p.s3gen.modules()} == modules_before
+    # outside inference mode: converted weights are ordinary tensors, editable in place later
+    assert not norm.is_inference() and not conv_pre.weight.is_inference()
+    norm.data.mul_(1)
+    # once: applying the same passes again changes nothing (there is no undo and no re-application)
+    ptrs = {k: v.data_ptr() for k, v in p.t3.state_dict().items()}
+    apply_passes(p.t3, opt)
+    assert {k: v.data_ptr() for k, v in p.t3.state_dict().items()} == ptrs
+    # a reference config is a no-op: it does not restore float32
+    apply_passes(p.t3, OptConfig.reference())
+    assert norm.dtype == torch.bfloat16
+
+
+def test_apply_passes_finds_components_in_any_module():
+    p = build_tiny_models(7)
+    found = dict(find_components(p.s3gen))
+    assert set(found) == {"s3tokenizer", "campplus", "flow_encoder", "cfm_estimator", "hift"}
+    apply_passes(p.s3gen.flow, OptConfig.parse("cfm_estimator.dtype=bf16+hift.dtype=bf16"))
+    assert p.s3gen.flow.decoder.estimator.final_proj.weight.dtype == torch.bfloat16
+    assert p.s3gen.mel2wav.conv_pre.weight.dtype == torch.float32  # not under the root given
+    assert all(q.dtype == torch.float32 for q in p.s3gen.flow.encoder.parameters())
+    with pytest.raises(TypeError, match="must be a"):
+        apply_component_passes("hift", p.t3, ComponentOpt())
+
+
 @pytest.mark.parametrize("name", ["s3tokenizer", "campplus", "flow_encoder", "cfm_estimator", "hift"])
-def test_channels_last_matches_float32_and_resets_exactly(pipe, reference_outputs, name):
-    before = snapshot(pipe)
-    state = apply_opt(pipe, OptConfig.reference().with_component(name, channels_last=True))
-    module = pipeline_components(pipe)[name]
-    convs = [m for m in module.modules() if isinstance(m, (Conv1d, ConvTranspose1d))]
+def test_channels_last_matches_float32(weights, weights_snapshot, reference_outputs, name):
+    m = materialize(weights, OptConfig.reference().with_component(name, channels_last=True), CPU)
+    module = component(m, name)
+    convs = [c for c in module.modules() if isinstance(c, (Conv1d, ConvTranspose1d))]
     assert convs and all(c.run_as_4d and c.channels_last for c in convs)
     assert all(c.weight.unsqueeze(2).is_contiguous(memory_format=torch.channels_last) for c in convs)
-    assert_fp32_close(component_outputs(pipe)[name], reference_outputs[name])
-    assert snapshot(pipe).keys() == before.keys()
-    apply_opt(pipe, OptConfig.reference())
-    assert state.applied[name].plan.comp.is_reference
-    assert all("run_as_4d" not in c.__dict__ and c.weight.is_contiguous() for c in convs)
-    assert torch.equal(component_outputs(pipe)[name], reference_outputs[name])
+    assert_fp32_close(component_outputs(m)[name], reference_outputs[name])
+    assert state_snapshot(m).keys() == weights_snapshot.keys()
+    # the weights the copy was made from are untouched
+    original = [c for c in component(weights, name).modules() if isinstance(c, (Conv1d, ConvTranspose1d))]
+    assert all("run_as_4d" not in c.__dict__ and c.weight.is_contiguous() for c in original)
+    assert torch.equal(component_outputs(weights)[name], reference_outputs[name])
+    assert_same_state(weights, weights_snapshot)
 
 
-def test_campplus_head_conv2d_weights_go_channels_last(pipe):
-    apply_opt(pipe, OptConfig.parse("campplus.channels_last=1"))
-    convs2d = [m for m in pipe.s3gen.speaker_encoder.modules() if isinstance(m, torch.nn.Conv2d)]
+def test_campplus_head_conv2d_weights_go_channels_last(weights):
+    m = materialize(weights, OptConfig.parse("campplus.channels_last=1"), CPU)
+    convs2d = [c for c in m.s3gen.speaker_encoder.modules() if isinstance(c, torch.nn.Conv2d)]
     assert convs2d and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs2d)
-    apply_opt(pipe, OptConfig.reference())
-    assert all(c.weight.is_contiguous() for c in convs2d)
+    original = [c for c in weights.s3gen.speaker_encoder.modules() if isinstance(c, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous() for c in original)
 
 
 @pytest.mark.parametrize("backend", ["math", "flash", "efficient"])
-def test_attention_backend_matches_default(pipe, reference_outputs, backend):
-    apply_opt(pipe, OptConfig.reference().replace(attention_backend=backend))
-    assert passes.is_wrapped(pipe.t3, "decode_step") and passes.is_wrapped(pipe.s3gen.flow.encoder, "forward")
-    out = component_outputs(pipe)
+def test_attention_backend_matches_default(weights, reference_outputs, backend):
+    with attention_context(backend):
+        out = component_outputs(weights)
     for name in ("s3tokenizer", "t3", "flow_encoder", "cfm_estimator"):
         assert_fp32_close(out[name], reference_outputs[name])
-    apply_opt(pipe, OptConfig.reference())
-    assert not passes.is_wrapped(pipe.t3, "decode_step")
 
 
-def test_compile_wraps_from_outside_and_matches(pipe, reference_outputs, monkeypatch):
+def test_attention_backend_through_the_engine_matches_default(tiny_results, tokenizer, monkeypatch):
+    import chatterbox.engine.session as session_module
+
+    pinned = []
+
+    def recording_context(backend):
+        pinned.append(backend)
+        return attention_context(backend)
+
+    monkeypatch.setattr(session_module, "attention_context", recording_context)
+    tts = make_tts(tokenizer, "reference+attention_backend=math")
+    assert tts.engine.opt.attention_backend == "math"
+    res = _synth(tts)
+    assert pinned and set(pinned) == {"math"}  # the request ran with the kernel pinned
+    want = tiny_results["reference"]
+    assert [t.tolist() for t in res.speech_tokens] == [t.tolist() for t in want.speech_tokens]
+    assert_fp32_close(res.wav, want.wav)
+
+
+def test_compile_swaps_the_component_from_outside_and_matches(weights, weights_snapshot, reference_outputs,
+                                                              tokenizer, monkeypatch):
     # Dynamo traces for real; the eager backend skips Inductor's C++ build, which takes minutes on CPU.
+    import chatterbox.engine.engine as engine_module
+
     calls = []
     real_compile = torch.compile
 
@@ -220,105 +335,205 @@ def test_compile_wraps_from_outside_and_matches(pipe, reference_outputs, monkeyp
         calls.append(kwargs)
         return real_compile(fn, backend="eager")
 
-    monkeypatch.setattr(passes.torch, "compile", eager_compile)
-    est = pipe.s3gen.flow.decoder.estimator
+    monkeypatch.setattr(engine_module.torch, "compile", eager_compile)
+    est = weights.s3gen.flow.decoder.estimator
     keys = list(est.state_dict())
-    apply_opt(pipe, OptConfig.parse("cfm_estimator.compile=reduce-overhead"))
-    assert calls == [{"mode": "reduce-overhead"}] and passes.is_wrapped(est, "forward")
-    assert list(est.state_dict()) == keys
-    assert_fp32_close(component_outputs(pipe)["cfm_estimator"], reference_outputs["cfm_estimator"])
-    apply_opt(pipe, OptConfig.reference())
-    assert "forward" not in est.__dict__
+    engine = Engine.build(weights, tokenizer, OptConfig.parse("cfm_estimator.compile=reduce-overhead"), CPU)
+    assert calls == [{"mode": "reduce-overhead"}]
+    swapped = engine.components()["cfm_estimator"]
+    assert engine.models.s3gen.flow.decoder.estimator is swapped
+    assert swapped is not est and getattr(swapped, "_orig_mod", None) is not None
+    assert swapped._orig_mod is not est  # the engine's own copy is compiled, never the weights
+    assert "forward" not in est.__dict__ and list(est.state_dict()) == keys
+    assert_fp32_close(component_outputs(engine.models)["cfm_estimator"], reference_outputs["cfm_estimator"])
+    # T3 without the fused decode: its transformer is swapped for the compiled one
+    calls.clear()
+    engine = Engine.build(weights, tokenizer, OptConfig.parse("t3.compile=default"), CPU)
+    assert calls == [{}] and engine.models.t3.tfmr._orig_mod is not weights.t3.tfmr
+    assert weights.t3.tfmr is not engine.models.t3.tfmr
+    assert_same_state(weights, weights_snapshot)
 
 
 # ---------------------------------------------------------------------------------------- reduced precision
 @pytest.mark.parametrize("name, dtype", [(c, "bfloat16") for c in COMPONENTS]
                          + [("cfm_estimator", "float16"), ("flow_encoder", "float16")])
-def test_reduced_precision_keeps_snr_and_float32_interfaces(pipe, reference_outputs, name, dtype):
-    state = apply_opt(pipe, OptConfig.reference().with_component(name, dtype=dtype))
-    module = pipeline_components(pipe)[name]
+def test_reduced_precision_keeps_snr_and_float32_interfaces(weights, reference_outputs, name, dtype):
+    m = materialize(weights, OptConfig.reference().with_component(name, dtype=dtype), CPU)
+    module = component(m, name)
     assert any(p.dtype == getattr(torch, dtype) for p in module.parameters())
-    assert state.backup_bytes() > 0
-    out = component_outputs(pipe)[name]
+    out = component_outputs(m)[name]
     assert out.dtype == torch.float32
     assert snr_db(out, reference_outputs[name]) >= SNR_MIN[dtype]
-    apply_opt(pipe, OptConfig.reference())
-    assert state.backup_bytes() == 0
-    assert torch.equal(component_outputs(pipe)[name], reference_outputs[name])
+    assert all(p.dtype == torch.float32 for p in component(weights, name).parameters())
+    assert torch.equal(component_outputs(weights)[name], reference_outputs[name])
 
 
-def test_numerically_sensitive_parts_stay_float32(pipe):
-    apply_opt(pipe, OptConfig.parse("t3.dtype=bf16+hift.dtype=bf16+s3tokenizer.dtype=bf16"))
-    try:
-        assert pipe.t3.speech_head.weight.dtype == torch.float32 and pipe.t3.tfmr.norm.weight.dtype == torch.bfloat16
-        assert pipe.s3gen.mel2wav.m_source.l_linear.weight.dtype == torch.float32
-        assert pipe.s3gen.mel2wav.f0_predictor.classifier.weight.dtype == torch.float32
-        assert pipe.s3gen.mel2wav.conv_pre.weight.dtype == torch.bfloat16
-        assert pipe.s3gen.tokenizer._mel_filters.dtype == torch.float32
-        assert pipe.s3gen.tokenizer.quantizer._codebook.project_down.weight.dtype == torch.float32
-        cond, text, _ = t3_inputs(pipe.t3.cfg)
-        tokens = pipe.t3.inference(cond, text, 6, generator=torch.Generator().manual_seed(0))
-        assert tokens.dtype == torch.long and tokens.shape[1] >= 1
-    finally:
-        apply_opt(pipe, OptConfig.reference())
+def _assert_sensitive_parts(p: Models) -> None:
+    assert p.t3.speech_head.weight.dtype == torch.float32 and p.t3.text_head.weight.dtype == torch.float32
+    assert p.t3.tfmr.norm.weight.dtype == torch.bfloat16
+    assert p.s3gen.mel2wav.m_source.l_linear.weight.dtype == torch.float32
+    assert p.s3gen.mel2wav.f0_predictor.classifier.weight.dtype == torch.float32
+    assert p.s3gen.mel2wav.conv_pre.weight.dtype == torch.bfloat16
+    assert p.s3gen.tokenizer._mel_filters.dtype == torch.float32
+    assert p.s3gen.tokenizer.quantizer._codebook.project_down.weight.dtype == torch.float32
+    assert any(q.dtype == torch.bfloat16 for q in p.s3gen.tokenizer.encoder.parameters())
+
+
+def test_numerically_sensitive_parts_stay_float32(weights):
+    opt = OptConfig.parse("t3.dtype=bf16+hift.dtype=bf16+s3tokenizer.dtype=bf16")
+    m = materialize(weights, opt, CPU)
+    _assert_sensitive_parts(m)
+    cond, text, _ = t3_inputs(m.t3.cfg)
+    with torch.inference_mode():
+        tokens = m.t3.inference(cond, text, 6, generator=torch.Generator().manual_seed(0))
+    assert tokens.dtype == torch.long and tokens.shape[1] >= 1
+    # the same split when the passes run on modules directly
+    p = build_tiny_models(0)
+    for root in (p.t3, p.s3gen, p.ve):
+        apply_passes(root, opt)
+    _assert_sensitive_parts(p)
+
+
+# ---------------------------------------------------------------------------------------- materialize
+def test_materialize_leaves_the_weights_bit_identical_and_shares_what_needs_no_change(weights, weights_snapshot):
+    opt = OptConfig.parse("t3.dtype=bf16+cfm_estimator.channels_last=1+s3tokenizer.dtype=fp16")
+    before = {id(v) for v in weights.t3.parameters()}
+    m = materialize(weights, opt, CPU)
+    assert_same_state(weights, weights_snapshot)
+    assert_all_float32(weights)
+    assert {id(v) for v in weights.t3.parameters()} == before
+    assert m.t3 is not weights.t3 and m.s3gen is not weights.s3gen and m.ve is not weights.ve
+    # the copy is lowered / channels_last ...
+    assert m.t3.tfmr.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert m.t3.speech_head.weight.dtype == torch.float32
+    assert all(q.dtype == torch.float16 for q in m.s3gen.tokenizer.encoder.parameters() if q.is_floating_point())
+    est, est_w = m.s3gen.flow.decoder.estimator, weights.s3gen.flow.decoder.estimator
+    convs = [c for c in est.modules() if isinstance(c, Conv1d)]
+    assert convs and all(c.run_as_4d for c in convs)
+    # ... every parameter of the copy is a new object, ordinary (not an inference tensor, no grad) ...
+    w_params = dict(weights.s3gen.named_parameters())
+    for k, q in m.s3gen.named_parameters():
+        assert q is not w_params[k] and not q.requires_grad and not q.is_inference(), k
+    # ... and tensors needing no change share the weights' storage (CPU -> CPU)
+    shared = {"ve": (m.ve, weights.ve), "hift": (m.s3gen.mel2wav, weights.s3gen.mel2wav),
+              "flow_encoder": (m.s3gen.flow.encoder, weights.s3gen.flow.encoder),
+              "t3.speech_head": (m.t3.speech_head, weights.t3.speech_head)}
+    for label, (copy_mod, w_mod) in shared.items():
+        w_state = w_mod.state_dict()
+        for k, v in copy_mod.state_dict().items():
+            assert v.data_ptr() == w_state[k].data_ptr(), f"{label}.{k}"
+    assert est.final_proj.weight.data_ptr() == est_w.final_proj.weight.data_ptr()  # a Linear: unchanged
+    # re-laid-out convolution weights are new storage (a 1-wide kernel's layout is already channels_last)
+    pairs = [(c, w) for c, w in zip(convs, [c for c in est_w.modules() if isinstance(c, Conv1d)])
+             if w.weight.shape[-1] > 1]
+    assert pairs and all(c.weight.data_ptr() != w.weight.data_ptr() for c, w in pairs)
+    up, up_w = m.t3.tfmr.layers[0].mlp.up_proj.weight, weights.t3.tfmr.layers[0].mlp.up_proj.weight
+    assert up.data_ptr() != up_w.data_ptr()
+    # a reference copy costs no memory on the CPU: every tensor is shared
+    ref = materialize(weights, OptConfig.reference(), CPU)
+    for name in ("t3", "s3gen", "ve"):
+        w_state = getattr(weights, name).state_dict()
+        assert all(v.data_ptr() == w_state[k].data_ptr() for k, v in getattr(ref, name).state_dict().items())
+    # using and editing the copy in place leaves the weights as they were
+    component_outputs(m)
+    with torch.no_grad():
+        m.ve.proj.weight.data.mul_(1.0)
+        m.t3.tfmr.layers[0].mlp.up_proj.weight.zero_()
+    assert_same_state(weights, weights_snapshot)
 
 
 # ---------------------------------------------------------------------------------------- switching
-def test_switching_configurations_in_any_order_restores_float32_exactly(caplog):
-    p = tiny_pipeline(seed=5)
-    original = snapshot(p)
-    outputs = component_outputs(p)
-    sequence = ["fast", "reference", "reference+t3.dtype=bf16", "fast+hift.dtype=fp16",
-                "reference+hift.channels_last=1+cfm_estimator.dtype=bf16", "fast", "reference"]
-    for spec in sequence:
-        state = apply_opt(p, OptConfig.parse(spec))
-        assert p.opt_state is state and state.opt == OptConfig.parse(spec)
-        if spec == "fast":
-            # On the CPU the CUDA-graph runners are skipped with a warning, the rest applies: T3's
-            # fused decode runs eagerly in an ungraphed runner.
-            assert state.cfm_estimator is None
-            assert state.t3_decoder is not None and state.t3_decoder.enabled is False and state.t3_decoder.fused
-            assert "needs a CUDA device" in caplog.text
-            weight = p.t3.tfmr.layers[0].mlp.up_proj.weight
-            assert weight.dtype == torch.bfloat16
-            lowered = weight.data
-            apply_opt(p, OptConfig.parse(spec))  # unchanged settings: nothing is redone
-            assert p.t3.tfmr.layers[0].mlp.up_proj.weight.data_ptr() == lowered.data_ptr()
-    final = snapshot(p)
-    assert final.keys() == original.keys()
-    for k, v in original.items():
-        assert final[k].dtype == v.dtype and torch.equal(final[k], v), k
-    after = component_outputs(p)
-    for name in COMPONENTS:
-        assert torch.equal(after[name], outputs[name]), name
-    for m in (p.t3, p.s3gen, p.ve):
-        for sub in m.modules():
-            assert not any(getattr(v, "__chatterbox_pass__", False) for v in sub.__dict__.values())
-    assert p.opt_state.backup_bytes() == 0
+TEXT = "Hello there. How are you?"
+SWITCH_SPECS = ["reference", "cpu", "reference+campplus.channels_last=1+hift.channels_last=1+cfm_steps=4",
+                "reference+t3.dtype=bf16+cfm_estimator.dtype=bf16+s3tokenizer.dtype=fp16", "fast"]
+WEIGHTS_SEED = 5
 
 
-def test_passes_run_outside_inference_mode():
-    p = tiny_pipeline(seed=6)
-    with torch.inference_mode():
-        apply_opt(p, OptConfig.parse("t3.dtype=bf16+hift.channels_last=1"))
-    assert not p.t3.tfmr.norm.weight.is_inference()
-    assert not p.s3gen.mel2wav.conv_pre.weight.is_inference()
-    apply_opt(p, OptConfig.reference())
-    p.t3.tfmr.norm.weight.data.mul_(1)  # an in-place edit outside inference mode still works
+def make_tts(tokenizer: EnTokenizer, spec: str, models: Models | None = None) -> ChatterboxTTS:
+    m = models or build_tiny_models(WEIGHTS_SEED)
+    tts = ChatterboxTTS(m.t3, m.s3gen, m.ve, tokenizer, "cpu", opt=OptConfig.parse(spec))
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+    return tts
 
 
-def test_apply_to_components_finds_components_in_any_module():
-    p = tiny_pipeline(seed=7)
-    found = dict(passes.find_components(p.s3gen))
-    assert set(found) == {"s3tokenizer", "campplus", "flow_encoder", "cfm_estimator", "hift"}
-    state = apply_to_components(passes.find_components(p.s3gen.flow), OptConfig.parse("cfm_estimator.dtype=bf16"))
-    assert p.s3gen.flow.decoder.estimator.final_proj.weight.dtype == torch.bfloat16
-    reset_components(state)
-    assert p.s3gen.flow.decoder.estimator.final_proj.weight.dtype == torch.float32
-    with pytest.raises(TypeError, match="must be a"):
-        apply_to_components([("hift", p.t3)], OptConfig.reference())
-    with pytest.raises(TypeError, match="OptConfig"):
-        apply_opt(p, "fast")
+def _synth(tts: ChatterboxTTS):
+    return tts.synthesize(TEXT, seed=3, max_new_tokens=16, watermark=False)
+
+
+def assert_same_result(got, want, label) -> None:
+    assert [t.tolist() for t in got.speech_tokens] == [t.tolist() for t in want.speech_tokens], label
+    assert got.wav.shape == want.wav.shape and torch.equal(got.wav, want.wav), label
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tokenizer) -> dict:
+    """What a freshly loaded model gives under each configuration."""
+    return {spec: _synth(make_tts(tokenizer, spec)) for spec in SWITCH_SPECS}
+
+
+def test_fresh_results_are_real(tiny_results):
+    ref = tiny_results["reference"]
+    assert ref.wav.shape[1] > 0 and sum(t.numel() for t in ref.speech_tokens) > 0
+    assert tiny_results["cpu"].wav.shape == ref.wav.shape
+    # every configuration switched between below renders differently: a leftover of an earlier engine
+    # (a lowered dtype, a channels_last layout, a step count) would show
+    wavs = [tiny_results[spec].wav for spec in SWITCH_SPECS[:4]]
+    assert all(not torch.equal(a, b) for i, a in enumerate(wavs) for b in wavs[i + 1:])
+
+
+def test_set_opt_in_any_order_gives_what_a_fresh_model_gives(tokenizer, tiny_results):
+    models = build_tiny_models(WEIGHTS_SEED)
+    snapshot = state_snapshot(models)
+    tts = make_tts(tokenizer, SWITCH_SPECS[0], models)
+    # every ordered pair (A, B) of four configurations appears as consecutive switches
+    order = [0, 1, 2, 3, 0, 2, 1, 3, 2, 0, 3, 1, 0]
+    assert len({(a, b) for a, b in zip(order, order[1:])}) == 12
+    for i in order:
+        spec = SWITCH_SPECS[i]
+        tts.set_opt(OptConfig.parse(spec))
+        assert tts.opt == OptConfig.parse(spec)
+        tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)  # the voice of this engine
+        assert_same_result(_synth(tts), tiny_results[spec], f"after switching to {spec}")
+    assert_same_state(models, snapshot)
+    assert_all_float32(models)
+    assert tts._weights.t3 is models.t3
+
+
+def test_fast_on_the_cpu_builds_an_eager_engine(tokenizer, tiny_results, caplog):
+    models = build_tiny_models(WEIGHTS_SEED)
+    snapshot = state_snapshot(models)
+    tts = make_tts(tokenizer, "reference+t3.dtype=bf16", models)
+    with caplog.at_level(logging.WARNING):
+        tts.set_opt(OptConfig.fast())
+    assert "needs a CUDA device" in caplog.text
+    engine = tts.engine
+    # On the CPU the CUDA-graph swaps are skipped with a warning, the rest applies: T3's fused decode
+    # runs in the eager runner.
+    assert not engine.graphs.enabled and len(engine.graphs) == 0
+    assert isinstance(engine.t3_runner, EagerT3Runner) and engine.t3_runner.fused is not None
+    assert not any(isinstance(m, (BucketedEstimator, GraphedForward)) for m in engine.components().values())
+    assert tts.t3.tfmr.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+    assert_same_result(_synth(tts), tiny_results["fast"], "fast")
+    tts.set_opt(OptConfig.reference())
+    assert tts.t3.tfmr.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+    assert_same_result(_synth(tts), tiny_results["reference"], "reference after fast")
+    assert_same_state(models, snapshot)
+
+
+def test_with_opt_is_another_model_over_the_same_weights(tokenizer, tiny_results):
+    models = build_tiny_models(WEIGHTS_SEED)
+    snapshot = state_snapshot(models)
+    tts = make_tts(tokenizer, "reference", models)
+    spec = SWITCH_SPECS[3]
+    other = tts.with_opt(OptConfig.parse(spec))
+    assert other._weights is tts._weights and other.engine is not tts.engine
+    assert tts.opt == OptConfig.reference() and other.opt == OptConfig.parse(spec)
+    other.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+    assert_same_result(_synth(other), tiny_results[spec], spec)
+    assert_same_result(_synth(tts), tiny_results["reference"], "reference beside it")
+    assert_same_state(models, snapshot)
 
 
 # ---------------------------------------------------------------------------------------- CUDA-graph wrapper
@@ -341,21 +556,51 @@ def test_cuda_graph_wrapper_disabled_runs_eagerly_with_the_same_contract():
 def test_cuda_graph_switch_off_by_environment(monkeypatch):
     monkeypatch.setenv(DISABLE_ENV, "1")
     assert not CudaGraph(lambda a: a, enabled=True).enabled
+    assert not GraphRegistry(torch.device("cuda"), enabled=True).enabled
     monkeypatch.setenv(DISABLE_ENV, "0")
     assert CudaGraph(lambda a: a, enabled=True).enabled == torch.cuda.is_available()
 
 
-def test_race_draw_is_multinomial():
-    g = torch.Generator().manual_seed(0)
-    for seed in range(30):
-        probs = torch.softmax(3 * torch.randn(2, 500, generator=g), dim=-1)
-        a, b = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        assert torch.equal(torch.multinomial(probs, 1, generator=a), race_draw(probs, b))
-        assert torch.equal(a.get_state(), b.get_state())
+def test_graph_registry_off_cuda_is_disabled_and_keeps_families():
+    reg = GraphRegistry(CPU, enabled=True)
+    assert not reg.enabled and reg.pool is None
+    g1 = reg.get(("enc", (1, 4)), lambda a: a + 1, clone_outputs=True, limit=2)
+    assert reg.get(("enc", (1, 4)), lambda a: a, clone_outputs=True) is g1  # one graph per key
+    assert not g1.enabled and torch.equal(g1(torch.zeros(1, 4)), torch.ones(1, 4))
+    for n in (5, 6):
+        reg.get(("enc", (1, n)), lambda a: a, clone_outputs=True, limit=2)
+    reg.get(("other", 1), lambda a: a, clone_outputs=False)
+    assert reg.count("enc") == 2 and reg.count("other") == 1 and len(reg) == 3
+    assert ("enc", (1, 4)) not in reg._graphs  # least recently used dropped first
+    assert reg.captured() == []
 
 
 # ---------------------------------------------------------------------------------------- CFM buckets
-def test_padded_estimator_equals_unpadded_tiny_and_published():
+def _padded_path(monkeypatch) -> None:
+    """Take the bucketed estimator's padded (graph) path on the CPU: the registry's graphs are disabled,
+    so they run the padded call eagerly, exactly what a capture would record."""
+    monkeypatch.setattr(BucketedEstimator, "_eager", lambda self, x: False)
+
+
+def test_bucketed_estimator_with_disabled_graphs_is_the_estimator():
+    torch.manual_seed(0)
+    est = ConditionalDecoder(ConditionalDecoderConfig.small()).eval().requires_grad_(False)
+    runner = BucketedEstimator(est, GraphRegistry(CPU, enabled=False), "cfm_estimator", 16)
+    assert runner.cfg is est.cfg and runner.final_proj is est.final_proj  # other attributes delegate
+    assert dict(runner.named_parameters()).keys() == {f"inner.{k}" for k, _ in est.named_parameters()}
+    g = torch.Generator().manual_seed(9)
+    c = est.cfg
+    x, mu, cond = (torch.randn(2, c.n_feats, 21, generator=g) for _ in range(3))
+    t, spks, mask = torch.rand(2, generator=g), torch.randn(2, c.spk_dim, generator=g), torch.ones(2, 1, 21)
+    with torch.inference_mode():
+        assert torch.equal(runner(x, mask, mu, t, spks, cond), est(x, mask, mu, t, spks, cond))
+    assert len(runner.graphs) == 0
+    with pytest.raises(ValueError, match="bucket_frames"):
+        BucketedEstimator(est, GraphRegistry(CPU, enabled=False), "cfm_estimator", 0)
+
+
+def test_padded_estimator_equals_unpadded_tiny_and_published(monkeypatch):
+    _padded_path(monkeypatch)
     torch.manual_seed(0)
     tiny = ConditionalDecoder(ConditionalDecoderConfig.small()).eval().requires_grad_(False)
     with torch.device("meta"):
@@ -369,68 +614,46 @@ def test_padded_estimator_equals_unpadded_tiny_and_published():
         c = est.cfg
         x, mu, cond = (torch.randn(2, c.n_feats, frames, generator=g) for _ in range(3))
         t, spks = torch.rand(2, generator=g), torch.randn(2, c.spk_dim, generator=g)
-        runner = BucketedEstimator(est, bucket)
+        graphs = GraphRegistry(CPU, enabled=False)
+        runner = BucketedEstimator(est, graphs, "cfm_estimator", bucket)
         with torch.inference_mode():
             want = est(x, torch.ones(2, 1, frames), mu, t, spks, cond)
             got = runner(x, None, mu, t, spks, cond)
         assert got.shape == want.shape
         assert float((got - want).abs().max()) <= 1e-5
-        assert runner.padded_length(frames) % bucket == 0
+        assert runner.padded_length(frames) % bucket == 0 and runner.padded_length(frames) >= frames
+        # the padded call went through the registry, keyed by the bucketed shape
+        assert graphs.count("cfm_estimator") == 1
+        assert list(graphs._graphs)[0][1] == (2, c.n_feats, runner.padded_length(frames))
 
 
-def test_cfm_with_the_bucketed_estimator_equals_the_plain_one():
+def test_cfm_with_the_bucketed_estimator_equals_the_plain_one(monkeypatch):
+    _padded_path(monkeypatch)
     torch.manual_seed(1)
     cfm = CausalCFM(CFMConfig.small()).eval().requires_grad_(False)
     c = cfm.cfg.estimator
     g = torch.Generator().manual_seed(2)
     mu, cond, noise = (torch.randn(1, c.n_feats, 50, generator=g) for _ in range(3))
     spks, mask = torch.randn(1, c.spk_dim, generator=g), torch.ones(1, 1, 50)
-    want = cfm(mu, mask, spks, cond, noise, n_timesteps=3)
-    got = cfm(mu, mask, spks, cond, noise, n_timesteps=3, estimator=BucketedEstimator(cfm.estimator, 16))
+    with torch.inference_mode():
+        want = cfm(mu, mask, spks, cond, noise, n_timesteps=3)
+        plain = cfm.estimator
+        cfm.estimator = BucketedEstimator(plain, GraphRegistry(CPU, enabled=False), "cfm_estimator", 16)
+        got = cfm(mu, mask, spks, cond, noise, n_timesteps=3)
     assert float((got - want).abs().max()) <= 1e-5
 
 
-# ---------------------------------------------------------------------------------------- T3 decoder
-def tiny_t3(seed: int = 0) -> T3:
-    torch.manual_seed(seed)
-    t3 = T3(T3Config.tiny())
-    for p in t3.parameters():
-        p.data.normal_(0, 0.3)  # peaky enough that sampling has something to choose
-    return t3.eval().requires_grad_(False)
-
-
-def test_t3_graph_decoder_runs_the_eager_loop_when_not_captured():
-    t3 = tiny_t3()
-    cond, text, _ = t3_inputs(t3.cfg)
-    decoder = T3GraphDecoder(t3, window=8)
-    for seed, mode in zip(range(4), ("inference_mode", "no_grad", "none", "inference_mode")):
-        g_eager, g_dec = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
-        with torch.inference_mode():
-            want = t3.inference(cond, text, 25, generator=g_eager, top_p=0.9, min_p=0.05, stop_check_every=4)
-        ctx = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad}.get(mode)
-        with (ctx() if ctx else torch.enable_grad()):
-            got = t3.inference(cond, text, 25, generator=g_dec, top_p=0.9, min_p=0.05, stop_check_every=4,
-                               decoder=decoder)
-        assert got.tolist() == want.tolist()
-        assert torch.equal(g_eager.get_state(), g_dec.get_state())
-        assert not got.is_inference() or mode == "inference_mode"
-
-
-def test_t3_graph_decoder_errors():
-    t3 = tiny_t3()
-    cond, text, _ = t3_inputs(t3.cfg)
-    decoder = T3GraphDecoder(t3, window=8)
-    with pytest.raises(ValueError, match="owns its cache"):
-        t3.inference(cond, text, 5, forced_tokens=torch.ones(1, 5, dtype=torch.long), decoder=decoder)
-    with pytest.raises(ValueError, match="another T3"):
-        tiny_t3(1).inference(cond, text, 5, decoder=decoder)
-    first = t3.generate_tokens(cond, text, 20, block_size=1, decoder=decoder, top_p=1.0)
-    next(first)
-    list(t3.generate_tokens(cond, text, 3, decoder=decoder))  # a second generation takes over
-    with pytest.raises(RuntimeError, match="one generation at a time"):
-        next(first)
-    with pytest.raises(RuntimeError, match="call cache"):
-        next(T3GraphDecoder(t3).tokens(torch.zeros(2, 40), torch.zeros(1, 40, dtype=torch.bool), 5, None, None, 3))
+def test_graphed_forward_with_disabled_graphs_is_the_module_and_delegates(weights):
+    camp = weights.s3gen.speaker_encoder
+    graphs = GraphRegistry(CPU, enabled=False)
+    wrapped = GraphedForward(camp, graphs, "campplus")
+    g = torch.Generator().manual_seed(4)
+    wav = 0.1 * torch.randn(1, 16000, generator=g)
+    with torch.inference_mode():
+        feats = wrapped.features(wav)  # delegated to CAMPPlus
+        assert torch.equal(feats, camp.features(wav))
+        assert torch.equal(wrapped(feats), camp(feats))
+    assert wrapped.cfg is camp.cfg and wrapped.inner is camp and len(graphs) == 0
 
 
 # ---------------------------------------------------------------------------------------- parity runner
@@ -480,58 +703,44 @@ def test_gpu_cuda_graph_captures_replays_and_rejects_new_shapes():
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_race_draw_is_multinomial_on_cuda():
-    probs = torch.softmax(3 * torch.randn(1, 8194, device="cuda"), dim=-1)
-    for seed in range(10):
-        a, b = torch.Generator("cuda").manual_seed(seed), torch.Generator("cuda").manual_seed(seed)
-        assert torch.equal(torch.multinomial(probs, 1, generator=a), race_draw(probs, b))
-        assert torch.equal(a.get_state(), b.get_state())
-
-
-@pytest.mark.gpu
-@gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_t3_graph_decoder_matches_the_eager_loop(dtype):
-    t3 = tiny_t3().cuda()
-    if dtype != torch.float32:
-        apply_to_components([("t3", t3)], OptConfig.reference().with_component("t3", dtype="bfloat16"))
-    cond, text, _ = t3_inputs(t3.cfg)
-    cond, text = cond.to("cuda"), text.cuda()
-    decoder = T3GraphDecoder(t3, window=8)
-    for seed in range(3):
-        g1, g2 = torch.Generator("cuda").manual_seed(seed), torch.Generator("cuda").manual_seed(seed)
-        with torch.inference_mode():
-            want = t3.inference(cond, text, 30, generator=g1, top_p=0.9)
-            got = t3.inference(cond, text, 30, generator=g2, top_p=0.9, decoder=decoder)
-        assert got.tolist() == want.tolist()
-        assert torch.equal(g1.get_state(), g2.get_state())
-    assert any(g.captured for g in decoder._graphs.values())
-    got = t3.inference(cond, text, 30, generator=torch.Generator("cuda").manual_seed(0), top_p=0.9,
-                       decoder=decoder)  # outside inference_mode, after capturing inside it
-    assert got.shape[1] >= 1
-
-
-@pytest.mark.gpu
-@gpu
-def test_gpu_bucketed_estimator_and_fast_pipeline():
-    p = tiny_pipeline(seed=3)
-    for m in (p.t3, p.s3gen, p.ve):
-        m.cuda()
-    state = apply_opt(p, OptConfig.fast())
-    assert isinstance(state.t3_decoder, T3GraphDecoder) and isinstance(state.cfm_estimator, BucketedEstimator)
-    est = p.s3gen.flow.decoder.estimator
+def test_gpu_bucketed_estimator_graphs_equal_eager():
+    m = materialize(build_tiny_models(3), OptConfig.parse("cfm_estimator.dtype=bf16"), torch.device("cuda"))
+    est = m.s3gen.flow.decoder.estimator
+    graphs = GraphRegistry(torch.device("cuda"), enabled=True)
+    runner = BucketedEstimator(est, graphs, "cfm_estimator", 64)
     c = est.cfg
     x, mu, cond = (torch.randn(2, c.n_feats, 50, device="cuda") for _ in range(3))
     t, spks = torch.rand(2, device="cuda"), torch.randn(2, c.spk_dim, device="cuda")
     with torch.inference_mode():
         want = est(x, torch.ones(2, 1, 50, device="cuda"), mu, t, spks, cond)
-        got = state.cfm_estimator(x, None, mu, t, spks, cond)
-        again = state.cfm_estimator(x, None, mu, t, spks, cond)
+        got = runner(x, None, mu, t, spks, cond)
+        again = runner(x, None, mu, t, spks, cond)
     assert snr_db(got, want) >= SNR_MIN["bfloat16"] and torch.equal(got, again)
-    assert any(g.captured for g in state.cfm_estimator._graphs.values())
-    apply_opt(p, OptConfig.reference())
-    assert p.opt_state.t3_decoder is None and est.final_proj.weight.dtype == torch.float32
+    assert graphs.count("cfm_estimator") == 1 and len(graphs.captured()) == 1
 
 
-def test_opt_state_is_exported():
-    assert OptState().backup_bytes() == 0
+@pytest.mark.gpu
+@gpu
+def test_gpu_fast_engine_builds_and_synthesizes(tokenizer):
+    models = build_tiny_models(WEIGHTS_SEED)
+    snapshot = state_snapshot(models)
+    tts = ChatterboxTTS(models.t3, models.s3gen, models.ve, tokenizer, "cuda", opt=OptConfig.fast())
+    engine = tts.engine
+    assert all(q.device.type == "cuda" for q in tts.t3.parameters())
+    assert all(q.device.type == "cpu" for q in models.t3.parameters())  # the weights stay where they were
+    assert engine.graphs.enabled and isinstance(engine.t3_runner, GraphedT3Runner)
+    parts = engine.components()
+    assert isinstance(parts["cfm_estimator"], BucketedEstimator)
+    assert isinstance(parts["campplus"], GraphedForward) and isinstance(parts["voice_encoder"], GraphedForward)
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=S3GEN_SR)
+    first = tts.synthesize(TEXT, seed=3, max_new_tokens=32, watermark=False)
+    again = tts.synthesize(TEXT, seed=3, max_new_tokens=32, watermark=False)
+    assert first.wav.shape[1] > 0 and first.wav.device.type == "cpu" and torch.isfinite(first.wav).all()
+    assert [t.tolist() for t in first.speech_tokens] == [t.tolist() for t in again.speech_tokens]
+    assert len(engine.graphs.captured()) > 0
+    chunks = [c for c, _ in tts.generate_stream(TEXT, seed=3, max_new_tokens=32, chunk_size=8,
+                                                print_metrics=False, watermark=False)]
+    assert chunks and all(c.device.type == "cpu" for c in chunks)
+    tts.set_opt(OptConfig.reference())
+    assert tts.t3.tfmr.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert_same_state(models, snapshot)

@@ -7,8 +7,9 @@ import torch
 from conftest import DATA, load_fixture
 
 from chatterbox.checkpoint import load_strict
+from chatterbox.constants import S3_SR
 from chatterbox.dsp import periodic_hann, slaney_mel_filterbank
-from chatterbox.models.s3tokenizer import S3_SR, S3Tokenizer, S3TokenizerConfig, log_mel_spectrogram
+from chatterbox.models.s3tokenizer import S3Tokenizer, S3TokenizerConfig, log_mel_spectrogram
 from chatterbox.synthetic import synth_state_dict
 
 PREFIX = "tokenizer."

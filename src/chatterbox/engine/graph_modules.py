@@ -48,7 +48,7 @@ class GraphedForward(_Delegating):
             return self.inner(x)
         key = (self.graph_name, tuple(x.shape), x.dtype)
         with self.graphs.lock:
-            return self.graphs.get(key, self.inner.forward, clone_outputs=True, limit=SHAPE_GRAPHS_KEPT)(x)
+            return self.graphs.get(key, self.inner, clone_outputs=True, limit=SHAPE_GRAPHS_KEPT)(x)
 
 
 class BucketedEstimator(_Delegating):
@@ -71,6 +71,6 @@ class BucketedEstimator(_Delegating):
         x, mask, mu, cond = (F.pad(v, (0, pad)) for v in (x, mask, mu, cond))  # mask pads 0: frames ignored
         key = (self.graph_name, tuple(x.shape), x.dtype, t.dtype)
         with self.graphs.lock:
-            graph = self.graphs.get(key, self.inner.forward, clone_outputs=False)
+            graph = self.graphs.get(key, self.inner, clone_outputs=False)
             # sliced and copied under the lock: the static output is overwritten by the next replay
             return graph(x, mask, mu, t, spks, cond)[..., :frames].clone()

@@ -36,6 +36,7 @@ VOCODER_SEED_OFFSET = 0x5EED
 class SynthesisResult:
     wav: torch.Tensor  # (1, L) float32 on the CPU, an ordinary tensor the caller owns
     speech_tokens: list[torch.Tensor] = field(default_factory=list)  # per text segment, (N,) as rendered
+    generated_tokens: list[int] = field(default_factory=list)  # per text segment, T3's tokens (stop included)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     seed: int = 0
     segments: list[str] = field(default_factory=list)
@@ -84,13 +85,14 @@ class Session:
         eng = self.engine
         s3gen = eng.models.s3gen
         timer = timer or StageTimer(eng.device)
-        wavs, tokens_out = [], []
+        wavs, tokens_out, generated = [], [], []
         with self._context():
             cfm_noise = eng.cfm_noise(self.noise_gen)
             for segment in self.segments:
                 with timer.stage("t3"):
                     stream = self._t3(segment)
                     speech = torch.cat(list(stream.blocks()), dim=1)
+                generated.append(speech.shape[1])
                 tokens = drop_invalid_tokens(speech[0])
                 tokens_out.append(tokens)
                 if tokens.numel() == 0:
@@ -108,8 +110,8 @@ class Session:
             tokens_out = [t.detach().to("cpu").clone() for t in tokens_out]
         with timer.stage("watermark"):
             wav = self._watermark(wav)
-        return SynthesisResult(wav=wav, speech_tokens=tokens_out, timings=timer.summary(), seed=self.seed,
-                               segments=list(self.segments))
+        return SynthesisResult(wav=wav, speech_tokens=tokens_out, generated_tokens=generated, timings=timer.summary(),
+                               seed=self.seed, segments=list(self.segments))
 
     # ------------------------------------------------------------------ streaming
     def stream(self, log_metrics: bool = False) -> Iterator[tuple[torch.Tensor, StreamingMetrics]]:

@@ -203,33 +203,28 @@ class OptConfig:
         if "=" not in parts[0]:
             opt = cls.from_name(parts[0])
             parts = parts[1:]
+        # Every item is read first and the config is built (and validated) once, so the order of the
+        # items does not matter (``t3.cuda_graphs=1`` may come before the flags it needs).
+        fields: dict = {}
+        components: dict[str, dict] = {}
         for item in parts:
             if "=" not in item:
                 raise ValueError(f"OptConfig spec item {item!r} is not 'field=value' (a preset may only come first)")
             key, value = (s.strip() for s in item.split("=", 1))
-            opt = opt._with_item(key, value)
-        return opt
-
-    def _with_item(self, key: str, value: str) -> "OptConfig":
-        if "." in key:
-            comp, fname = key.split(".", 1)
-            if comp not in COMPONENTS:
-                raise ValueError(f"unknown component {comp!r} in {key!r}; known: {COMPONENTS}")
-            return self.with_component(comp, **{fname: _component_value(fname, value)})
-        if key in ("autograd_mode", "attention_backend"):
-            return self.replace(**{key: value})
-        if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion"):
-            low = value.lower()
-            if low not in _TRUE + _FALSE:
-                raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")
-            return self.replace(**{key: low in _TRUE})
-        if key in ("cfm_steps", "stop_check_every", "cfm_bucket_frames"):
-            try:
-                number = int(value)
-            except ValueError:
-                raise ValueError(f"{key} needs an integer, got {value!r}") from None
-            return self.replace(**{key: number})
-        raise ValueError(f"unknown OptConfig field {key!r}")
+            if "." in key:
+                comp, fname = key.split(".", 1)
+                if comp not in COMPONENTS:
+                    raise ValueError(f"unknown component {comp!r} in {key!r}; known: {COMPONENTS}")
+                components.setdefault(comp, {})[fname] = _component_value(fname, value)
+            else:
+                fields[key] = _global_value(key, value)
+        for comp, changes in components.items():
+            known = {f.name for f in dataclasses.fields(ComponentOpt)}
+            unknown = sorted(set(changes) - known)
+            if unknown:
+                raise ValueError(f"unknown component field(s) {unknown}; known: {sorted(known)}")
+            fields[comp] = dataclasses.replace(getattr(opt, comp), **changes)
+        return dataclasses.replace(opt, **fields)
 
     def to_spec(self) -> str:
         """The shortest ``reference+...`` spec that ``parse`` turns back into this config."""
@@ -268,6 +263,22 @@ class OptConfig:
         if name not in COMPONENTS:
             raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
         return getattr(self, name)
+
+
+def _global_value(key: str, value: str):
+    if key in ("autograd_mode", "attention_backend"):
+        return value
+    if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion"):
+        low = value.lower()
+        if low not in _TRUE + _FALSE:
+            raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")
+        return low in _TRUE
+    if key in ("cfm_steps", "stop_check_every", "cfm_bucket_frames"):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key} needs an integer, got {value!r}") from None
+    raise ValueError(f"unknown OptConfig field {key!r}")
 
 
 def _component_value(fname: str, value: str):
