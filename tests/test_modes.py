@@ -21,9 +21,8 @@ from chatterbox.voice import synthetic_reference
 SR = 24000
 MAX_TOKENS = 2
 TEXT = "Hi."
-# ChatterboxTTS.prepare_conditionals returns (and stores) the voice made inside its autograd-mode
-# context, so under inference_mode the caller gets inference tensors. Fix (tts.py, lead's file): after
-# leaving the context, ``self.conds = conds.clone(); return self.conds``. Strict: remove once fixed.
+
+
 def caller_context(mode: str) -> contextlib.AbstractContextManager:
     """The mode a *caller* may be in around a model-level call."""
     return autograd_context(mode)
@@ -183,3 +182,37 @@ def test_generate_stream_chunks_are_plain_and_the_mode_never_leaks(tts, ref_wav,
     assert not x.is_inference() and grad_state() == (True, False)
     stream.close()
     assert grad_state() == (True, False)
+
+
+# ----------------------------------------------------------------- the caller's own mode (issue 17)
+CALLER_MODES = ["inference_mode", "no_grad", "none"]
+
+
+def _handed_out(tiny_tts, entry: str) -> list[torch.Tensor]:
+    if entry == "generate":
+        return [tiny_tts.generate(TEXT, max_new_tokens=4, seed=0, watermark=False)]
+    if entry == "synthesize":
+        res = tiny_tts.synthesize(TEXT, max_new_tokens=4, seed=0, watermark=False)
+        return [res.wav, *res.speech_tokens]
+    if entry == "generate_stream":
+        return [c for c, _ in tiny_tts.generate_stream(TEXT, max_new_tokens=6, chunk_size=2, seed=0,
+                                                        watermark=False, print_metrics=False)]
+    conds = tiny_tts.engine.prepare_conditionals(synthetic_reference(seconds=2.0, seed=3), sample_rate=SR)
+    return [t for t in {**conds.t3.as_dict(), **conds.gen.as_dict()}.values() if torch.is_tensor(t)]
+
+
+@pytest.mark.parametrize("entry", ["generate", "synthesize", "generate_stream", "prepare_conditionals"])
+@pytest.mark.parametrize("mode", CALLER_MODES)
+def test_outputs_are_ordinary_tensors_whatever_mode_the_caller_is_in(tiny_tts, entry, mode):
+    """``with torch.inference_mode(): w = tts.generate(...)`` then ``w.mul_(0.5)`` outside must work."""
+    with caller_context(mode):
+        outs = _handed_out(tiny_tts, entry)
+    assert outs
+    for t in outs:
+        assert_plain(t, entry)
+        if t.is_floating_point():
+            t.mul_(0.5)  # outside the caller's context
+            with torch.no_grad():
+                t.mul_(2.0)
+        else:
+            t.add_(0)

@@ -80,7 +80,7 @@ def test_state_dict_matches_manifest():
 # ---------------------------------------------------------------------- KV cache vs recompute
 def _recompute_logits(t3: T3, cond: T3Cond, text: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
     """Last-position logits of a full causal forward over prefill + the tokens fed so far."""
-    embeds = t3._bos_prefill(cond, text)
+    embeds = t3.prompt_embeds(cond, t3.check_text(text))
     out = []
     for i in range(tokens.shape[1]):
         out.append(t3.speech_head(t3.tfmr(embeds)[:, -1]))
@@ -107,7 +107,7 @@ def test_kv_cache_decode_matches_full_recompute(dtype, atol):
 def test_decode_on_oversized_cache_ignores_unwritten_slots():
     t3, cond, text = tiny_t3(), tiny_cond(), tiny_text()
     with torch.inference_mode():
-        embeds = t3._bos_prefill(cond, text)
+        embeds = t3.prompt_embeds(cond, t3.check_text(text))
         p = embeds.shape[1]
         step = t3.next_token_embeds(torch.tensor([[4]]), torch.tensor([1]))
         small = t3.init_cache(2, p + 1, "cpu", torch.float32)

@@ -4,6 +4,7 @@ builds an ``Engine`` for its ``OptConfig``; every call becomes a ``SynthesisRequ
 of its own, so one loaded model serves many threads at once."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from pathlib import Path
@@ -23,7 +24,7 @@ from .models.voice_encoder import VoiceEncoder
 from .optim.config import OptConfig
 from .streaming import StreamingMetrics
 from .synthetic import NOT_SPEECH_WARNING
-from .text import EnTokenizer
+from .text import EnTokenizer, TextSplitConfig
 from .voice import synthetic_reference
 
 log = logging.getLogger(__name__)
@@ -135,6 +136,16 @@ class ChatterboxTTS:
         return conds
 
     # ------------------------------------------------------------------ text
+    @property
+    def split_cfg(self) -> TextSplitConfig:
+        """How long texts are cut into segments (``TextSplitConfig``)."""
+        return self.engine.cfg.text_split
+
+    @split_cfg.setter
+    def split_cfg(self, cfg: TextSplitConfig) -> None:
+        self.engine_cfg = dataclasses.replace(self.engine_cfg, text_split=cfg)
+        self.engine.cfg = dataclasses.replace(self.engine.cfg, text_split=cfg)
+
     def count_text_tokens(self, text: str) -> int:
         return self.engine.count_text_tokens(text)
 
@@ -153,6 +164,11 @@ class ChatterboxTTS:
         conds = self.conds
         if conds is None:
             raise ValueError("no voice: call prepare_conditionals(...) first or pass audio_prompt_path")
+        if conds.exaggeration() != float(exaggeration):
+            # as upstream, the model's voice keeps the last exaggeration asked for; a new object, so
+            # requests already running keep the voice they started with
+            conds = conds.with_exaggeration(exaggeration)
+            self.conds = conds
         return conds
 
     def generate(self, text: str, repetition_penalty: float = 1.2, min_p: float = 0.05, top_p: float = 1.0,

@@ -77,7 +77,7 @@ def prepare_conditionals(s3gen: S3Gen, ve: VoiceEncoder, wav_or_path: str | Path
             cond_prompt_speech_tokens=prompt_tokens,
             emotion_adv=torch.full((1, 1, 1), float(exaggeration), device=device),
         )
-        conds = Conditionals(t3_cond, s3gen_ref)
+        conds = Conditionals(t3_cond, s3gen_ref).with_exaggeration(exaggeration)
     return conds
 
 

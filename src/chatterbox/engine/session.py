@@ -59,8 +59,8 @@ class Session:
         self.sample_gen = torch.Generator(device=device).manual_seed(self.seed)
         self.vocoder_gen = torch.Generator(device=device).manual_seed(self.seed + VOCODER_SEED_OFFSET)
         self.noise_gen = torch.Generator().manual_seed(self.seed)
-        # the request's own copy of the voice (no host read of the stored exaggeration: no device sync)
-        self.conds = conds.with_exaggeration(request.exaggeration)
+        self.conds = conds if conds.exaggeration() == float(request.exaggeration) \
+            else conds.with_exaggeration(request.exaggeration)
         self.sampling = request.sampling()
 
     def _context(self) -> contextlib.ExitStack:

@@ -5,7 +5,9 @@
 * ``GraphedT3Runner``: requests take a slot of one engine-wide state pool and keep their own KV cache;
   the prefill (per prompt-length bucket) and the decode step (per cache window and sampling
   processors) are CUDA graphs captured on a scratch slot, never on a live request, and replayed for
-  whichever slot asks. Graphs of the default processors are captured when the runner is built.
+  whichever slot asks. Graphs of the default processors are captured when the runner is built. With
+  the registry's graphs disabled the very same steps run eagerly (how it is tested without a GPU,
+  the Triton kernels under the interpreter).
 
 Both hand out ``T3Stream``s: the request's tokens in stop-checked blocks.
 """
@@ -111,14 +113,13 @@ class GraphedT3Runner:
 
     def __init__(self, t3: T3, fused: FusedDecoder, graphs: GraphRegistry, cfg: T3RunnerConfig,
                  pick: Pick = default_pick, default_proc: RowProcessing | None = None) -> None:
-        if not graphs.enabled:
-            raise ValueError("GraphedT3Runner needs CUDA graphs enabled")
         self.t3, self.fused, self.graphs, self.cfg, self.pick = t3, fused, graphs, cfg, pick
         self.lock = graphs.lock
         self.device = t3.device
         self.dtype = fused.final_norm.dtype
         speech = t3.cfg
         self.max_context = cfg.max_prefill + speech.speech_pos_emb_len
+        self.max_window = cfg.window * math.ceil(self.max_context / cfg.window)
         self.scratch = cfg.slots  # the last slot: graphs are captured on it
         self.pool = T3StatePool.allocate(cfg.slots + 1, speech.speech_vocab_size, speech.speech_pos_emb_len,
                                          self.device)
@@ -134,7 +135,7 @@ class GraphedT3Runner:
     # ------------------------------------------------------------------ graphs
     def windows(self) -> list[int]:
         w = self.cfg.window
-        return [w * k for k in range(1, math.ceil(self.max_context / w) + 1)]
+        return list(range(w, self.max_window + 1, w))
 
     def prefill_buckets(self) -> list[int]:
         b = self.cfg.prefill_bucket
@@ -173,7 +174,7 @@ class GraphedT3Runner:
             return logits
 
         graph = self.graphs.get(key, prefill, clone_outputs=False)
-        if not graph.captured:
+        if graph.enabled and not graph.captured:
             self._use_scratch()
             embeds = torch.zeros(CFG_BATCH, length, t3.cfg.dim, device=self.device, dtype=self.dtype)
             zero = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -193,7 +194,7 @@ class GraphedT3Runner:
             return slots
 
         graph = self.graphs.get(key, step, clone_outputs=False)
-        if not graph.captured:
+        if graph.enabled and not graph.captured:
             self._use_scratch()
             graph()
         return graph
@@ -234,7 +235,7 @@ class GraphedT3Runner:
         position = [prefix]
 
         def step() -> None:
-            window = min(cfg.window * math.ceil((position[0] + 1) / cfg.window), self.windows()[-1])
+            window = min(cfg.window * math.ceil((position[0] + 1) / cfg.window), self.max_window)
             graph = self._decode_graph(window, proc)
             self.pool.race[slot:slot + 1].exponential_(1, generator=req.generator)
             self._set_slots([slot])

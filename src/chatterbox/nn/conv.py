@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .determinism import deterministic_cudnn
+
 
 def _as_4d_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     x4 = x.unsqueeze(2)  # (B, C, 1, T)
@@ -50,6 +52,12 @@ class ConvTranspose1d(nn.ConvTranspose1d):
     channels_last: bool = False
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if x.is_cuda:
+            with deterministic_cudnn():  # same input, same bits (see nn/determinism.py)
+                return self._forward(x, output_size)
+        return self._forward(x, output_size)
+
+    def _forward(self, x: torch.Tensor, output_size: list[int] | None) -> torch.Tensor:
         if not self.run_as_4d or output_size is not None:
             return super().forward(x, output_size)
         weight = self.weight.unsqueeze(2)  # (I, O/groups, 1, k)

@@ -1,18 +1,12 @@
 """CAMPPlus x-vector speaker encoder (S3Gen's ``speaker_encoder``) and its Kaldi fbank front end.
 
-Pipeline: 16 kHz float waveform -> Kaldi log-mel fbank (80 bins, per-utterance mean removed) ->
-FCM 2-D residual head -> strided TDNN -> three CAM dense blocks with transit layers -> BN-ReLU ->
-mean/std statistics pooling -> 1x1 projection + affine-free BatchNorm -> 192-d x-vector.
+Pipeline: 16 kHz waveform -> Kaldi fbank (80 bins, mean removed) -> FCM 2-D head -> strided TDNN ->
+three CAM dense blocks -> BN-ReLU -> mean/std pooling -> 1x1 projection + BatchNorm -> 192-d x-vector.
 
 Batching follows the published model: each item's features are computed (and mean-normalised) on its
-own, then shorter items are zero-padded at the end to the longest item's frame count and the network
-runs on the padded batch with no mask. A padded item therefore gets a different x-vector than when it
-is encoded alone; only items at the maximum length are unaffected.
-
-Every normalisation is an inference-only BatchNorm: it always normalises with the stored running
-statistics, whatever ``module.training`` says, so a forgotten ``.eval()`` cannot change the x-vector.
-Attribute names mirror the published checkpoint's keys (``nonlinear.batchnorm``, ``cam_layer``,
-``tdnnd<i>`` ...), which is why some of them read oddly.
+own, shorter items are zero-padded to the longest and the network runs unmasked, so a padded item gets
+another x-vector than alone. Every BatchNorm is inference-only (running statistics whatever
+``module.training`` says). Attribute names mirror the checkpoint's keys (``nonlinear.batchnorm``, ...).
 """
 from __future__ import annotations
 
