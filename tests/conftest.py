@@ -104,3 +104,24 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if item.get_closest_marker("gpu") is not None:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second thread and lose a lot on a shared CPU (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_tiny_t3(seed: int = 0):
+    """T3 at ``T3Config.tiny()`` with N(0, 0.3) weights: logits spread enough that sampling varies."""
+    from chatterbox.models.t3.t3 import T3, T3Config
+
+    torch.manual_seed(seed)
+    t3 = T3(T3Config.tiny())
+    for p in t3.parameters():
+        p.data.normal_(0, 0.3)
+    return t3.eval().requires_grad_(False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_triton_interpreted
+from conftest import random_tiny_t3, run_triton_interpreted
 
 from chatterbox.models.t3.cond import T3Cond
 from chatterbox.models.t3.fused_decode import FusedDecoder, allocate_stacked_cache, attention_outputs, stacked_view
@@ -16,12 +16,7 @@ from chatterbox.opt import OptConfig
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_llama(seed: int = 0, cfg: LlamaConfig | None = None) -> LlamaModel:
@@ -32,12 +27,7 @@ def random_llama(seed: int = 0, cfg: LlamaConfig | None = None) -> LlamaModel:
     return model.eval().requires_grad_(False)
 
 
-def tiny_t3(seed: int = 0) -> T3:
-    torch.manual_seed(seed)
-    t3 = T3(T3Config.tiny())
-    for p in t3.parameters():
-        p.data.normal_(0, 0.3)
-    return t3.eval().requires_grad_(False)
+tiny_t3 = random_tiny_t3
 
 
 def t3_inputs(cfg: T3Config) -> tuple[T3Cond, torch.Tensor]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_tiny_t3
 
 from chatterbox.engine.graphs import GraphRegistry
 from chatterbox.engine.t3_runner import EagerT3Runner, GraphedT3Runner, T3Request, T3RunnerConfig
@@ -29,12 +30,7 @@ SETTINGS = [
 ]
 
 
-def tiny_t3(seed: int = 0) -> T3:
-    torch.manual_seed(seed)
-    t3 = T3(T3Config.tiny())
-    for p in t3.parameters():
-        p.data.normal_(0, 0.3)
-    return t3.eval().requires_grad_(False)
+tiny_t3 = random_tiny_t3
 
 
 def t3_inputs(cfg: T3Config, device: str = "cpu") -> tuple[T3Cond, torch.Tensor]:
