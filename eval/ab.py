@@ -5,13 +5,16 @@
     python -m eval.ab --quick          # CPU smoke run: tiny token budget, one rep
 
 Phases: (1) fidelity, once per configuration, reference first: ``synthesize`` under the fixed
-seed (its tokens against the reference's) and the reference's tokens rendered through this
-configuration's S3Gen (same CFM and source noise); (2) ``--warmup`` untimed rounds; (3) ``--reps``
-timed rounds, configurations interleaved (A B A B ...), each: set_opt (then, for a configuration
-with CUDA graphs or compiled code, one untimed pass over the text sets, because switching
-configurations re-captures its graphs: the figures are the steady state), synthesize and stream every
+seed (its tokens against the reference's; the raw ids, invalid ones included, from the engine's T3
+runner run alone with the same seed) and the reference's tokens rendered through this
+configuration's engine (its S3Gen modules and graph wrappers, the ones ``synthesize`` runs; same CFM
+and source noise); (2) ``--warmup`` untimed rounds; (3) ``--reps`` timed rounds, configurations
+interleaved (A B A B ...), each: set_opt (a new engine for the configuration; then, for one with
+CUDA graphs or compiled code, one untimed pass over the text sets, because a new engine captures its
+graphs and compiles on first use: the figures are the steady state), synthesize and stream every
 text set, time prepare_conditionals on a 10 s reference, record peak GPU memory. A configuration
 that fails is dropped with its reason; reference cannot fail. Every round uses the same seed.
+Only public APIs are used (``ChatterboxTTS``, its ``engine``, the engine's ``t3_runner``).
 Output: NAME.json, NAME.md, NAME-latency.png, NAME-stages.png (see patches/README.md).
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import gc
 import logging
 import math
 import platform
@@ -44,15 +48,9 @@ QUICK_CHUNK_SIZE = 4
 # ---------------------------------------------------------------------------------------- configs
 def resolve_config(spec: str):
     """An ``OptConfig`` from a spec ("reference", "fast", "reference+t3.dtype=bfloat16", ...)."""
-    from chatterbox.opt import OptConfig
+    from chatterbox.optim import OptConfig
 
-    if hasattr(OptConfig, "parse"):
-        return OptConfig.parse(spec)
-    if spec == "reference":
-        return OptConfig.reference()
-    if "+" not in spec and "=" not in spec and callable(getattr(OptConfig, spec, None)):
-        return getattr(OptConfig, spec)()
-    raise ValueError(f"cannot build {spec!r}: this checkout's OptConfig has no parse()")
+    return OptConfig.parse(spec)
 
 
 def resolve_configs(specs: list[str]) -> tuple[list[tuple[str, object]], list[dict]]:
@@ -105,15 +103,15 @@ def environment(device: torch.device, commit: str | None = None) -> dict:
 # ---------------------------------------------------------------------------------------- phases
 def fidelity_phase(tts, configs, cases: list[TextCase], args) -> tuple[dict, dict, list[dict]]:
     """Per config and text, through the pipeline under the fixed seed: its tokens against the
-    reference's, and the reference's tokens rendered by its S3Gen. Returns (fidelity figures for the
-    JSON, per config/text (generated token count, whether exact, rendered tokens), failed configs)."""
+    reference's, and the reference's tokens rendered by its engine's S3Gen. Returns (fidelity
+    figures for the JSON, per config/text the tokens T3 generated, failed configs)."""
     fid: dict = {}
     tokens: dict = {}
     ref: dict = {}
     failed: list[dict] = []
     for name, cfg in configs:
         try:
-            tts.set_opt(cfg)
+            switch_config(tts, cfg)
             fid[name], tokens[name] = _fidelity_of(tts, name, cases, args, ref)
         except Exception as exc:  # noqa: BLE001 - reported and skipped, see run_matrix
             if name == report.REFERENCE:
@@ -127,9 +125,11 @@ def _fidelity_of(tts, name: str, cases: list[TextCase], args, ref: dict) -> tupl
     fid, tokens = {}, {}
     for case in cases:
         syn = stages.run_synthesize(tts, case, args.seed, watermark=False)
-        count, exact, raw = stages.generated_token_count(tts, case, args.seed, syn)
-        tokens[case.name] = (count, exact, syn.valid_tokens)
-        entry = {"t3_tokens": count, "t3_tokens_exact": exact, "valid_tokens": syn.valid_tokens.numel(),
+        raw = stages.pipeline_t3_tokens(tts, case, args.seed, syn)
+        count = syn.generated
+        tokens[case.name] = count
+        # the count is the pipeline's own (SynthesisResult.generated_tokens): always exact
+        entry = {"t3_tokens": count, "t3_tokens_exact": True, "valid_tokens": syn.valid_tokens.numel(),
                  "tokens": (raw if raw is not None else syn.valid_tokens).tolist()}
         if name == report.REFERENCE:
             ref[case.name] = {"valid": syn.valid_tokens, "raw": raw, "wav": syn.wav}
@@ -154,15 +154,25 @@ def _fidelity_of(tts, name: str, cases: list[TextCase], args, ref: dict) -> tupl
     return fid, tokens
 
 
-def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, args, ref_audio) -> list[dict]:
-    """One round of one configuration; returns its samples."""
-    dev = tts.device
+def switch_config(tts, cfg) -> float:
+    """``set_opt(cfg)`` (a new engine from the float32 weights); the previous engine is collected
+    before the next measurement, so only one configuration's engine is resident. -> seconds."""
     t0 = time.perf_counter()
     tts.set_opt(cfg)
-    out = [{"kind": "set_opt", "config": name, "rep": rep, "seconds": time.perf_counter() - t0}]
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    if tts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def measure(tts, name: str, cfg, cases: list[TextCase], rep: int, args, ref_audio) -> list[dict]:
+    """One round of one configuration; returns its samples."""
+    dev = tts.device
+    out = [{"kind": "set_opt", "config": name, "rep": rep, "seconds": switch_config(tts, cfg)}]
     if needs_rewarm(cfg):
-        # set_opt rebuilt this config's graphs (or compiled code) when it switched from another one;
-        # re-capturing them is a start-up cost, not part of the steady state a server runs in.
+        # the new engine captures this config's graphs (and compiles its code) on first use;
+        # that is a start-up cost, not part of the steady state a server runs in.
         t0 = time.perf_counter()
         for case in cases:
             stages.run_synthesize(tts, case, args.seed, args.watermark)
@@ -173,15 +183,9 @@ def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, 
     stages.reset_peak_memory(dev)
     stream_why = stages.stream_supported(tts)
     for case in cases:
-        count, exact, valid = tokens[name][case.name]
         syn = stages.run_synthesize(tts, case, args.seed, args.watermark)
-        if syn.generated is not None:
-            n, exact = syn.generated, True
-        else:  # the fidelity phase's count holds while the run repeats its tokens; else a lower bound
-            exact = exact and torch.equal(syn.valid_tokens, valid)
-            n = count if exact else syn.valid_tokens.numel()
         sample = {"kind": "synth", "config": name, "rep": rep, "text": case.name, "total_s": syn.total_s,
-                  "audio_s": syn.audio_s, "stages": syn.stages, "t3_tokens": n, "t3_tokens_exact": exact,
+                  "audio_s": syn.audio_s, "stages": syn.stages, "t3_tokens": syn.generated, "t3_tokens_exact": True,
                   "t3_prefill_s": stages.t3_prefill_seconds(tts, case, args.seed),
                   "flow_encoder_s": (stages.flow_encoder_seconds(tts, syn.valid_tokens)
                                      if syn.valid_tokens.numel() else math.nan)}
@@ -198,7 +202,7 @@ def measure(tts, name: str, cfg, cases: list[TextCase], tokens: dict, rep: int, 
 
 def needs_rewarm(cfg) -> bool:
     """Whether switching to ``cfg`` leaves graphs to capture or code to compile on its first call."""
-    from chatterbox.opt import COMPONENTS
+    from chatterbox.optim.config import COMPONENTS
 
     return any(cfg.component(c).cuda_graphs or cfg.component(c).compile is not None for c in COMPONENTS)
 
@@ -216,7 +220,7 @@ def run_matrix(tts, configs, cases: list[TextCase], args, ref_audio) -> tuple[li
     for rep, phase in rounds:
         for name, cfg in list(live):
             try:
-                got = measure(tts, name, cfg, cases, tokens, rep, args, ref_audio)
+                got = measure(tts, name, cfg, cases, rep, args, ref_audio)
             except Exception as exc:  # noqa: BLE001 - one broken configuration must not end the matrix
                 if name == report.REFERENCE:
                     raise
@@ -229,7 +233,7 @@ def run_matrix(tts, configs, cases: list[TextCase], args, ref_audio) -> tuple[li
                 samples += got
         if rep >= 0:
             log.info("round %d/%d done", rep + 1, args.reps)
-    tts.set_opt(configs[0][1])
+    switch_config(tts, configs[0][1])
     return samples, fidelity, failed
 
 

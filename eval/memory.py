@@ -6,7 +6,10 @@ Loads the synthetic checkpoint, applies the config, prepares a voice, then runs 
 of each, so graphs and compiled code exist as in a serving process) a one-shot generation and a
 streaming generation of ``--tokens`` tokens. Records allocated / peak / reserved memory after each
 phase, the peak of each phase on its own, and what stays resident: parameter and buffer bytes per
-model component and the T3 decoder's KV cache.
+model component of the engine. T3's KV cache is a request's own (allocated when its T3 request
+starts, freed with it, so it is inside the phase peaks): reported as the bytes one position takes
+(layers x keys and values x the CFG pair's 2 rows x kv heads x head dim x element size) and what the
+measured generation's request held (its prompt positions plus ``--tokens``).
 """
 from __future__ import annotations
 
@@ -72,17 +75,22 @@ def snapshot(device: torch.device) -> dict:
             "reserved_gb": torch.cuda.memory_reserved(device) / 1e9}
 
 
-def kv_cache_gb(tts) -> float | None:
-    dec = tts._t3_decoder
-    cache = getattr(dec, "_cache", None)
-    if cache is None:
-        return None
-    from chatterbox.models.t3.fused_decode import stacked_view
+def kv_bytes_per_position(tts) -> int:
+    """Bytes of T3's KV cache per position of one request, in the engine's T3 dtype."""
+    from chatterbox.models.t3.t3 import CFG_BATCH
 
-    kv = stacked_view(cache)
-    if kv is not None:
-        return kv.numel() * kv.element_size() / 1e9
-    return (cache.k.numel() + cache.v.numel()) * cache.k.element_size() / 1e9
+    llama = tts.t3.cfg.llama
+    element = torch.empty((), dtype=tts.opt.t3.torch_dtype).element_size()
+    return llama.num_layers * 2 * CFG_BATCH * llama.num_kv_heads * llama.head_dim * element
+
+
+def prompt_positions(tts, text: str) -> int:
+    """Positions T3's prompt takes for ``text`` with the current voice (conditioning, text, BOS)."""
+    t3 = tts.t3
+    with torch.inference_mode():
+        conds = tts.conds.to(tts.device)
+        segments = tts.text_segments(text)
+        return max(int(t3.prompt_embeds(conds.t3, t3.check_text(tts.text_tokens(s))).shape[1]) for s in segments)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         res["phases"][name] = snapshot(device)
         res["phase_peak_gb"][name] = {"peak_gb": torch.cuda.max_memory_allocated(device) / 1e9,
                                       "above_start_gb": (torch.cuda.max_memory_allocated(device) - base) / 1e9}
-    res["t3_kv_cache_gb"] = kv_cache_gb(tts)
+    per_position = kv_bytes_per_position(tts)
+    positions = prompt_positions(tts, TEXT) + args.tokens
+    res["t3_kv_bytes_per_position"] = per_position
+    res["t3_kv_positions_per_request"] = positions
+    res["t3_kv_cache_gb_per_request"] = per_position * positions / 1e9
     if args.trace:
         res["live_by_owner"] = live_blocks_by_owner()
         for row in res["live_by_owner"]:
@@ -149,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("after %-22s %s", k, {a: round(b, 3) for a, b in v.items()})
     for k, v in res["phase_peak_gb"].items():
         log.info("peak of %-20s %.3f GB (%.3f above its start)", k, v["peak_gb"], v["above_start_gb"])
-    log.info("T3 KV cache %s GB; overall peak %.3f GB", res["t3_kv_cache_gb"], res["peak_gb"])
+    log.info("T3 KV cache %d bytes/position, %.4f GB for a request of %d positions; overall peak %.3f GB",
+             per_position, res["t3_kv_cache_gb_per_request"], positions, res["peak_gb"])
     return 0
 
 

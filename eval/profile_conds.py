@@ -8,7 +8,8 @@ Loads the pipeline on synthetic weights (``ChatterboxTTS.from_synthetic``), appl
 
 * ``tts_total``: ``tts.prepare_conditionals`` timed as ``eval.ab`` times it (device synchronised
   before and after; includes the copy the pipeline keeps), median over ``--reps``;
-* ``voice_total``: the library call ``voice.prepare_conditionals`` alone, and ``voice_host``: how
+* ``voice_total``: the library call ``voice.prepare_conditionals`` alone (on the engine's modules,
+  ``tts.s3gen`` and ``tts.ve``, with the engine's voice settings), and ``voice_host``: how
   long it takes to return before the final synchronisation (the host's share: when it is close to
   ``voice_total`` the call is bound by host work and kernel launches, not by the device);
 * ``stages``: one timed call per rep with a timer that synchronises the device around every stage
@@ -42,6 +43,7 @@ from typing import Iterator
 import torch
 
 from .ab import environment, resolve_config
+from .stages import engine_context
 from .texts import REFERENCE_SECONDS, reference_audio
 
 log = logging.getLogger("eval.profile_conds")
@@ -116,7 +118,7 @@ def time_voice_call(tts, wav, sr: int, reps: int, autograd) -> tuple[list[float]
         _sync(tts.device)
         t0 = time.perf_counter()
         with autograd():
-            prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.voice_cfg)
+            prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.engine.cfg.voice)
         t1 = time.perf_counter()
         _sync(tts.device)
         host.append(t1 - t0)
@@ -134,11 +136,11 @@ def time_stages(tts, wav, sr: int, reps: int, autograd) -> tuple[dict[str, list[
     for _ in range(reps):
         timer = SyncStageTimer(tts.device)
         with autograd():
-            conds = prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.voice_cfg, timer=timer)
+            conds = prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.engine.cfg.voice, timer=timer)
         for name, seconds in timer.times.items():
             per_stage.setdefault(name, []).append(seconds)
     with autograd():
-        plain = prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.voice_cfg)
+        plain = prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.engine.cfg.voice)
     a, b = _voice_tensors(conds), _voice_tensors(plain)
     equal = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
     diff = max(((a[k].double() - b[k].double()).abs().max().item() for k in a
@@ -156,9 +158,9 @@ def frontend_check(tts, wav, sr: int) -> dict:
     from chatterbox.audio import resample_soxr, resample_torchaudio, s3gen_mel_spectrogram, ve_mel_spectrogram
 
     s3gen, ve, device = tts.s3gen, tts.ve, tts.device
-    wav24 = torch.from_numpy(np.ascontiguousarray(wav[: int(tts.voice_cfg.s3gen_reference_seconds * sr)]))
+    wav24 = torch.from_numpy(np.ascontiguousarray(wav[: int(tts.engine.cfg.voice.s3gen_reference_seconds * sr)]))
     wav24 = wav24.to(device)[None]
-    wav16 = torch.from_numpy(resample_soxr(wav, sr, tts.voice_cfg.tokenizer_sample_rate)).to(device)
+    wav16 = torch.from_numpy(resample_soxr(wav, sr, tts.engine.cfg.voice.tokenizer_sample_rate)).to(device)
     pairs = {}
     with torch.inference_mode():
         pairs["s3gen_mel"] = (s3gen.reference_mel(wav24, sr),
@@ -207,7 +209,7 @@ def count_syncs(tts, wav, sr: int, autograd) -> dict:
         torch.cuda.set_sync_debug_mode("warn")
         try:
             with autograd():
-                prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.voice_cfg)
+                prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.engine.cfg.voice)
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     return {"count": sum(sites.values()), "sites": sites}
@@ -222,7 +224,7 @@ def kernel_profile(tts, wav, sr: int, autograd) -> dict:
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         with autograd():
-            prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.voice_cfg)
+            prepare_conditionals(tts.s3gen, tts.ve, wav, sample_rate=sr, cfg=tts.engine.cfg.voice)
         _sync(tts.device)
         wall = time.perf_counter() - t0
     events = prof.key_averages()
@@ -290,15 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from chatterbox import ChatterboxTTS
-    from chatterbox.opt import autograd_context
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     opt = resolve_config(args.opt)
     tts = ChatterboxTTS.from_synthetic(device)
     tts.set_opt(opt)
 
-    def autograd():
-        return autograd_context(tts.opt.autograd_mode)
+    def autograd():  # the engine's autograd mode and attention backend, as Engine.prepare_conditionals enters them
+        return engine_context(tts)
 
     wav, sr = reference_audio(None, seconds=args.seconds)
     log.info("warm-up: %d calls", args.warmup)

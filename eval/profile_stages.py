@@ -2,11 +2,15 @@
 
     python -m eval.profile_stages --device cuda --config fast [--commit SHA] [--out eval/results/NAME]
 
-Times (median of ``--reps``, after warm-up) T3's conditioning + prefill, one CFM estimator call and
-the flow encoder at the frame counts of a streaming chunk and of a 250-token one-shot call, HiFT on a
-chunk, and a first streaming chunk end to end (``generate_stream`` with a small first chunk);
-profiles one estimator call (top kernels); and records allocated/peak GPU memory after loading,
-after ``set_opt``, after preparing a voice, and the peak of a 250-token generation.
+Times (median of ``--reps``, after warm-up) T3's conditioning, prompt embeddings and eager prefill,
+the start of a request on the engine's T3 runner (prompt + prefill as the pipeline runs it: a
+captured prefill on the graphed runner), one CFM estimator call (the engine's estimator, graph-wrapped
+when the config has CUDA graphs) and the flow encoder at the frame counts of a streaming chunk and of
+a 250-token one-shot call, HiFT on a chunk, and a first streaming chunk end to end
+(``generate_stream`` with a small first chunk); profiles one estimator call (top kernels); and
+records allocated/peak GPU memory after loading, after ``set_opt``, after preparing a voice, and the
+peak of a 250-token generation. Everything runs on the engine's modules, inside its autograd mode
+and attention backend.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .ab import environment, resolve_config
+from .stages import engine_context, start_t3
 
 log = logging.getLogger("eval.profile_stages")
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from chatterbox import ChatterboxTTS
-    from chatterbox.models.t3.sampling import RESEMBLE_ORDER
+    from chatterbox.models.t3.t3 import CFG_BATCH
     from chatterbox.voice import synthetic_reference
 
     device = torch.device(args.device)
@@ -90,21 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         tts.prepare_conditionals(wav, sample_rate=sr)
     res["memory"]["after_prepare_conditionals"] = mem_gb(device)
     conds, s3, t3 = tts.conds, tts.s3gen, tts.t3
-    text = tts.text_tokens("Hello, this is a quick test of streaming speech.")
+    segment = "Hello, this is a quick test of streaming speech."
+    text = t3.check_text(tts.text_tokens(segment))
     ms = res["ms"]
-    with torch.inference_mode():
+
+    def runner_start():
+        start_t3(tts, segment, 0, 8).close()  # prompt embeddings + prefill on the engine's T3 runner
+
+    with engine_context(tts):
         ms["t3_prepare_conditioning"] = median_ms(lambda: t3.prepare_conditioning(conds.t3), device, args.reps)
-        embeds = t3._bos_prefill(conds.t3, text)
-        ms["t3_bos_prefill_embeds"] = median_ms(lambda: t3._bos_prefill(conds.t3, text), device, args.reps)
-        cache = t3.init_cache(2, embeds.shape[1] + 8, device, embeds.dtype)
+        embeds = t3.prompt_embeds(conds.t3, text)
+        ms["t3_prompt_embeds"] = median_ms(lambda: t3.prompt_embeds(conds.t3, text), device, args.reps)
+        cache = t3.init_cache(CFG_BATCH, embeds.shape[1] + 8, device, embeds.dtype)
         ms["t3_prefill"] = median_ms(lambda: t3.prefill(embeds, cache), device, args.reps)
         res["prefill_positions"] = int(embeds.shape[1])
-        dec = tts._t3_decoder
-        if dec is not None and hasattr(dec, "prefill"):
-            dcache = dec.cache(embeds.shape[1] + 8, device, embeds.dtype)
-            ms["t3_prefill_decoder"] = median_ms(lambda: dec.prefill(embeds, dcache), device, args.reps)
-        noise = s3.draw_cfm_noise(torch.Generator().manual_seed(0))
-        est = tts._cfm_estimator or s3.flow.decoder.estimator
+        ms["t3_runner_start"] = median_ms(runner_start, device, args.reps)
+        res["t3_runner"] = type(tts.engine.t3_runner).__name__
+        noise = tts.engine.cfm_noise(torch.Generator().manual_seed(0))
+        est = s3.flow.decoder.estimator  # the engine's: graph-wrapped (BucketedEstimator) with CUDA graphs
+        res["cfm_estimator"] = type(est).__name__
         for name, n_tokens in (("chunk_first", 5), ("chunk_window", 75), ("oneshot_250", 250)):
             toks = torch.randint(0, 6561, (1, n_tokens), device=device)
             c = s3.flow.prepare(toks, conds.gen.prompt_token, conds.gen.prompt_feat, conds.gen.embedding)
@@ -119,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 device, args.reps)
             ms[f"cfm_estimator_call_{name}"] = median_ms(lambda: est(x, mask, mu, t, spks, cond), device, args.reps)
             ms[f"flow_inference_{name}"] = median_ms(
-                lambda: s3.flow_inference(toks[0], conds.gen, cfm_noise=noise, n_timesteps=tts.opt.cfm_steps,
-                                          estimator=tts._cfm_estimator), device, args.reps)
+                lambda: s3.flow_inference(toks[0], conds.gen, cfm_noise=noise, n_timesteps=tts.opt.cfm_steps),
+                device, args.reps)
             res[f"frames_{name}"] = frames
             if name == "chunk_window" and device.type == "cuda":
                 res["estimator_profile_chunk_window"] = top_kernels(lambda: est(x, mask, mu, t, spks, cond), device)
@@ -136,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     ms["stream_first_chunk_e2e"] = median_ms(first_chunk, device, args.reps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode():
+    with engine_context(tts):
         tts.synthesize("Streaming speech synthesis has to start talking almost at once.", max_new_tokens=250,
                        seed=0, watermark=False)
     res["memory"]["generate_250"] = mem_gb(device)
-    _ = RESEMBLE_ORDER
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))

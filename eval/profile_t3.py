@@ -2,9 +2,11 @@
 
     python -m eval.profile_t3 --device cuda --config fast [--tokens 200] [--out eval/results/NAME]
 
-Runs T3 generation (synthetic weights, the short text, a fixed seed) under torch.profiler after a
-warm-up, and reports wall ms/token, summed CUDA kernel ms/token (GPU busy time), the gap between them
-(host-side work the GPU waits for), and the kernels with the most total time.
+Runs T3 generation (synthetic weights, a short text, a fixed seed) through the engine's T3 runner
+(``tts.engine.t3_runner``: the one the pipeline uses, eager or graphed as the config says) under
+torch.profiler after a warm-up, and reports wall ms/token, summed CUDA kernel ms/token (GPU busy
+time), the gap between them (host-side work the GPU waits for), and the kernels with the most total
+time. On a CPU device only the wall time and the top host ops are meaningful.
 """
 from __future__ import annotations
 
@@ -17,21 +19,17 @@ from pathlib import Path
 import torch
 
 from .ab import environment, resolve_config
+from .stages import sync, t3_generate
 
 log = logging.getLogger("eval.profile_t3")
 ROOT = Path(__file__).resolve().parents[1]
+TEXT = "Hello there, this is a profile run."
 
 
 def generate_ids(tts, tokens: int, seed: int) -> torch.Tensor:
-    """One T3 generation of up to ``tokens`` tokens (the profile text, fixed sampling) -> ids (1, N)."""
-    from chatterbox.models.t3.sampling import RESEMBLE_ORDER
-
-    gen = torch.Generator(device=tts.device).manual_seed(seed)
-    with torch.inference_mode():
-        return tts.t3.inference(tts.conds.t3, tts.text_tokens("Hello there, this is a profile run."), tokens,
-                                temperature=0.8, cfg_weight=0.5, top_p=1.0, min_p=0.05, repetition_penalty=1.2,
-                                order=RESEMBLE_ORDER, generator=gen, stop_check_every=tts.opt.stop_check_every,
-                                decoder=tts._t3_decoder)
+    """One T3 generation of up to ``tokens`` tokens (the profile text, ``synthesize``'s default
+    sampling) on the engine's T3 runner -> ids (1, N)."""
+    return t3_generate(tts, TEXT, seed, tokens)[None]
 
 
 def generate(tts, tokens: int, seed: int) -> int:
@@ -52,20 +50,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     tts = ChatterboxTTS.from_synthetic(device, opt=resolve_config(args.config))
     generate(tts, args.tokens, 0)  # warm-up: captures, allocator, kernels
-    torch.cuda.synchronize()
+    sync(device)
     t0 = time.perf_counter()
     n = generate(tts, args.tokens, 1)
-    torch.cuda.synchronize()
+    sync(device)
     wall_plain = (time.perf_counter() - t0) / n
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         t0 = time.perf_counter()
         n = generate(tts, args.tokens, 1)
-        torch.cuda.synchronize()
+        sync(device)
         wall_prof = (time.perf_counter() - t0) / n
     events = prof.key_averages()
     kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    attr = "device_time_total" if hasattr(kernels[0], "device_time_total") else "cuda_time_total"
+    attr = "device_time_total" if kernels and hasattr(kernels[0], "device_time_total") else "cuda_time_total"
     gpu_us = sum(getattr(e, attr) for e in kernels)
     top = sorted(kernels, key=lambda e: getattr(e, attr), reverse=True)[:15]
     cpu_top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         "schema": "chatterbox-fast/profile-t3/1",
         "environment": environment(device, args.commit),
         "config": args.config,
+        "t3_runner": type(tts.engine.t3_runner).__name__,
         "tokens": n,
         "wall_ms_per_token": wall_plain * 1e3,
         "wall_ms_per_token_profiled": wall_prof * 1e3,

@@ -1,5 +1,10 @@
 """Measurement primitives of the A/B harness: one timed call each, on a loaded ``ChatterboxTTS``.
 
+Everything goes through public APIs of the facade and of its engine (``tts.engine``): ``synthesize``
+and ``generate_stream`` for the pipeline, the engine's T3 runner (``tts.engine.t3_runner``) for T3
+alone, and the engine's own modules (``tts.s3gen``: its dtype, compiled code and CUDA-graph wrappers)
+for S3Gen alone, inside the engine's autograd mode and attention backend. Nothing is patched.
+
 Every wall-clock figure synchronises the device before reading the clock (host time = time the
 caller waits). Stage times inside ``synthesize`` come from its own ``StageTimer`` (CUDA events).
 """
@@ -15,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from chatterbox.models.t3.sampling import RESEMBLE_ORDER
-from chatterbox.opt import autograd_context
+from chatterbox.engine import SynthesisRequest
+from chatterbox.engine.t3_runner import T3Request
+from chatterbox.optim import attention_context, autograd_context
 from chatterbox.text import drop_invalid_tokens
 from chatterbox.timing import StageTimer
 
@@ -25,8 +31,6 @@ from .texts import TextCase
 log = logging.getLogger(__name__)
 
 GB = 1e9
-# Sampling arguments of ``synthesize`` that a direct T3 call must repeat to draw the same tokens.
-_SAMPLING_ARGS = ("temperature", "cfg_weight", "top_p", "min_p", "repetition_penalty")
 
 
 def sync(device: torch.device) -> None:
@@ -51,12 +55,22 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / GB
 
 
+def engine_context(tts) -> contextlib.ExitStack:
+    """The contexts the engine runs a request's work in: its autograd mode and attention backend."""
+    opt = tts.engine.opt
+    stack = contextlib.ExitStack()
+    stack.enter_context(autograd_context(opt.autograd_mode))
+    stack.enter_context(attention_context(opt.attention_backend))
+    return stack
+
+
+def _plain_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy that is an ordinary tensor whatever mode made ``t``."""
+    with torch.inference_mode(False):
+        return t.detach().to("cpu").clone()
+
+
 # ---------------------------------------------------------------------------------------- T3
-def _synthesize_defaults(tts) -> dict:
-    params = inspect.signature(tts.synthesize).parameters
-    return {name: params[name].default for name in _SAMPLING_ARGS if name in params}
-
-
 def single_segment(tts, case: TextCase) -> str:
     segments = tts.text_segments(case.text)
     if len(segments) != 1:
@@ -64,22 +78,42 @@ def single_segment(tts, case: TextCase) -> str:
     return segments[0]
 
 
+def start_t3(tts, segment: str, seed: int, max_new_tokens: int):
+    """A ``T3Stream`` from the engine's T3 runner for one text segment, set up as a ``synthesize``
+    call with ``seed`` and the default sampling sets up its T3 request (same voice and exaggeration,
+    same sampling generator state, same stop-check block). Call inside ``engine_context``; consume
+    ``.blocks()`` or ``.close()`` it."""
+    engine = tts.engine
+    request = SynthesisRequest(segment, seed=seed, max_new_tokens=max_new_tokens)
+    conds = tts.conds.to(engine.device).with_exaggeration(request.exaggeration)
+    generator = torch.Generator(device=engine.device).manual_seed(request.resolved_seed())
+    return engine.t3_runner.start(T3Request(
+        cond=conds.t3, text_tokens=engine.text_tokens(segment), sampling=request.sampling(),
+        max_new_tokens=request.max_new_tokens, generator=generator, block_size=engine.opt.stop_check_every))
+
+
+def t3_generate(tts, segment: str, seed: int, max_new_tokens: int) -> torch.Tensor:
+    """The speech tokens the engine's T3 runner generates for ``segment``, raw (stop and invalid ids
+    kept): (N,) long on the CPU."""
+    with engine_context(tts):
+        stream = start_t3(tts, segment, seed, max_new_tokens)
+        try:
+            speech = torch.cat(list(stream.blocks()), dim=1)
+        finally:
+            stream.close()
+    return _plain_cpu(speech[0])
+
+
 def t3_tokens(tts, case: TextCase, seed: int, max_new_tokens: int | None = None) -> torch.Tensor:
     """The speech tokens ``synthesize(case.text, seed=seed)`` generates, raw (stop and invalid ids
-    kept): (N,) long on the CPU. Same generator, sampling defaults and stop-check block as the
-    pipeline, so N is the count its T3 stage produced."""
-    segment = single_segment(tts, case)
-    gen = torch.Generator(device=tts.device).manual_seed(seed)
-    with autograd_context(tts.opt.autograd_mode):
-        speech = tts.t3.inference(
-            tts.conds.t3, tts.text_tokens(segment), max_new_tokens or case.max_new_tokens,
-            order=RESEMBLE_ORDER, generator=gen, stop_check_every=tts.opt.stop_check_every,
-            **_synthesize_defaults(tts))
-    return speech[0].detach().to("cpu").clone()
+    kept): (N,) long on the CPU, from the engine's T3 runner (the one the pipeline uses)."""
+    return t3_generate(tts, single_segment(tts, case), seed, max_new_tokens or case.max_new_tokens)
 
 
 def t3_prefill_seconds(tts, case: TextCase, seed: int) -> float:
-    """One T3 call that stops after its first token: conditioning, prefill and one sampling step."""
+    """One T3 request of a single token through the engine's runner: conditioning, prefill and one
+    decode step (the pick and the step that feeds it back), so that the rest of the T3 stage divided
+    by the other tokens is the per-token decode cost."""
     t0 = now(tts.device)
     t3_tokens(tts, case, seed, max_new_tokens=1)
     return now(tts.device) - t0
@@ -87,24 +121,28 @@ def t3_prefill_seconds(tts, case: TextCase, seed: int) -> float:
 
 # ---------------------------------------------------------------------------------------- S3Gen
 def render(tts, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speech tokens (N,) through the current configuration's S3Gen with noise fixed by ``seed``
-    -> (mel (80, T), wav (L,)) float32 CPU copies, for fidelity comparisons across configurations."""
-    noise = tts.s3gen.draw_cfm_noise(torch.Generator().manual_seed(seed))
-    gen = torch.Generator(device=tts.device).manual_seed(seed)
-    with autograd_context(tts.opt.autograd_mode):
-        mel = tts.s3gen.flow_inference(tokens.to(tts.device), tts.conds.gen, cfm_noise=noise,
-                                       n_timesteps=tts.opt.cfm_steps)
-        wav, _ = tts.s3gen.hift_inference(mel, generator=gen)
-        wav = tts.s3gen.apply_trim_fade(wav)
-    return mel[0].detach().float().cpu().clone(), wav[0].detach().float().cpu().clone()
+    """Speech tokens (N,) through the engine's S3Gen (the modules and graph wrappers ``synthesize``
+    times) with noise fixed by ``seed`` -> (mel (80, T), wav (L,)) float32 CPU copies, for fidelity
+    comparisons across configurations."""
+    engine = tts.engine
+    s3gen = tts.s3gen
+    ref = tts.conds.to(engine.device).gen
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+    with engine_context(tts):
+        noise = engine.cfm_noise(torch.Generator().manual_seed(seed))
+        mel = s3gen.flow_inference(tokens.to(engine.device), ref, cfm_noise=noise, n_timesteps=engine.opt.cfm_steps)
+        wav, _ = s3gen.hift_inference(mel, generator=gen)
+        wav = s3gen.apply_trim_fade(wav)
+    return _plain_cpu(mel[0].float()), _plain_cpu(wav[0].float())
 
 
 def flow_encoder_seconds(tts, tokens: torch.Tensor) -> float:
     """The flow's token encoder and CFM conditioning alone (the rest of the flow stage is the CFM)."""
-    ref = tts.conds.gen
+    ref = tts.conds.to(tts.device).gen
+    tokens = tokens.to(tts.device)[None]
     t0 = now(tts.device)
-    with autograd_context(tts.opt.autograd_mode):
-        tts.s3gen.flow.prepare(tokens.to(tts.device)[None], ref.prompt_token, ref.prompt_feat, ref.embedding)
+    with engine_context(tts):
+        tts.s3gen.flow.prepare(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding)
     return now(tts.device) - t0
 
 
@@ -116,68 +154,34 @@ class SynthRun:
     stages: dict[str, float]
     valid_tokens: torch.Tensor  # (M,) what S3Gen rendered
     wav: torch.Tensor  # (L,) float32 CPU
-    generated: int | None  # tokens T3 generated (invalid ids and the stop token included), when known
-    raw_tokens: torch.Tensor | None  # (N,) those tokens on the CPU, when seen
+    generated: int  # tokens T3 generated (invalid ids and the stop token included)
 
 
-@contextlib.contextmanager
-def _seen_t3_outputs(tts):
-    """Collects what ``tts.t3.inference`` returns while the block runs (a pass-through wrapper on the
-    instance, removed afterwards): the pipeline reports only the tokens it rendered, and tokens/s
-    counts every generated one."""
-    t3 = tts.t3
-    had = "inference" in vars(t3)
-    previous = vars(t3).get("inference")
-    inner = t3.inference
-    outputs: list[torch.Tensor] = []
-
-    def inference(*args, **kwargs):
-        out = inner(*args, **kwargs)
-        outputs.append(out)
-        return out
-
-    object.__setattr__(t3, "inference", inference)
-    try:
-        yield outputs
-    finally:
-        if had:
-            object.__setattr__(t3, "inference", previous)
-        else:
-            object.__delattr__(t3, "inference")
+def generated_token_count(result) -> int:
+    """Tokens T3 generated for a ``SynthesisResult`` (every segment, invalid ids and stop tokens included)."""
+    return sum(int(n) for n in result.generated_tokens)
 
 
 def run_synthesize(tts, case: TextCase, seed: int, watermark: bool) -> SynthRun:
     timer = StageTimer(tts.device)
-    with _seen_t3_outputs(tts) as outputs:
-        t0 = now(tts.device)
-        res = tts.synthesize(case.text, seed=seed, max_new_tokens=case.max_new_tokens, watermark=watermark,
-                             timer=timer)
-        total = now(tts.device) - t0
+    t0 = now(tts.device)
+    res = tts.synthesize(case.text, seed=seed, max_new_tokens=case.max_new_tokens, watermark=watermark, timer=timer)
+    total = now(tts.device) - t0
     valid = torch.cat(res.speech_tokens) if res.speech_tokens else torch.zeros(0, dtype=torch.long)
-    raw = torch.cat([o[0].detach().to("cpu") for o in outputs]) if outputs else None
-    generated = getattr(res, "generated_tokens", None)  # int or per-segment list, where the pipeline has it
-    if isinstance(generated, (list, tuple)):
-        generated = sum(int(g) for g in generated)
-    if generated is None and raw is not None:
-        generated = raw.numel()
     return SynthRun(total_s=total, audio_s=res.wav.shape[-1] / tts.sr, stages=dict(res.timings), valid_tokens=valid,
-                    wav=res.wav[0], generated=None if generated is None else int(generated), raw_tokens=raw)
+                    wav=res.wav[0], generated=generated_token_count(res))
 
 
-def generated_token_count(tts, case: TextCase, seed: int, syn: SynthRun) -> tuple[int, bool, torch.Tensor | None]:
-    """(tokens T3 generated in ``syn``, whether that count is exact, the raw ids when known).
-
-    When the pipeline's T3 call was not seen (it no longer goes through ``t3.inference``), T3 is
-    run again directly with the same seed and sampling; when that run's valid ids equal ``syn``'s,
-    its length is the count. Otherwise the rendered count stands in (a lower bound), ``exact`` False.
-    """
-    if syn.generated is not None:
-        return syn.generated, True, syn.raw_tokens
+def pipeline_t3_tokens(tts, case: TextCase, seed: int, syn: SynthRun) -> torch.Tensor | None:
+    """The raw ids (N,) T3 generated in ``syn`` (which reports only the rendered ones): the engine's
+    T3 runner run again with the same seed and sampling. None (with a warning) when that run's
+    count or valid ids differ from the pipeline's."""
     raw = t3_tokens(tts, case, seed)
-    if torch.equal(drop_invalid_tokens(raw), syn.valid_tokens):
-        return raw.numel(), True, raw
-    log.warning("direct T3 run of %r differs from the pipeline's tokens: counting rendered tokens", case.name)
-    return syn.valid_tokens.numel(), False, None
+    if raw.numel() == syn.generated and torch.equal(drop_invalid_tokens(raw), syn.valid_tokens):
+        return raw
+    log.warning("T3 runner alone gave %d tokens for %r, the pipeline %d (or other valid ids): raw ids unknown",
+                raw.numel(), case.name, syn.generated)
+    return None
 
 
 def stream_supported(tts) -> str | None:

@@ -35,19 +35,26 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES_PER_FRAME = 480
 
 
-def counting(s3gen, counter: dict):
-    """Wrap flow_inference to count the tokens (prompt included) each call encodes."""
-    original = s3gen.flow_inference
+class CountingS3Gen:
+    """Stands in for an S3Gen where the streaming schemes take one: counts the tokens (prompt
+    included) each ``flow_inference`` call encodes and passes every call and attribute on to the
+    S3Gen it holds (which is left untouched)."""
 
-    def wrapped(tokens, ref, *args, **kwargs):
-        counter["tokens"] += int(tokens.reshape(-1).shape[0]) + int(ref.prompt_token.shape[1])
-        counter["calls"] += 1
-        return original(tokens, ref, *args, **kwargs)
+    def __init__(self, s3gen) -> None:
+        self.s3gen = s3gen
+        self.tokens = 0
+        self.calls = 0
 
-    return wrapped
+    def __getattr__(self, name: str):
+        return getattr(self.s3gen, name)
+
+    def flow_inference(self, tokens, ref, *args, **kwargs):
+        self.tokens += int(tokens.reshape(-1).shape[0]) + int(ref.prompt_token.shape[1])
+        self.calls += 1
+        return self.s3gen.flow_inference(tokens, ref, *args, **kwargs)
 
 
-def ours(s3gen, ref, tokens, noise, chunk: int, context: int, lookahead: int, counter: dict):
+def ours(s3gen, ref, tokens, noise, chunk: int, context: int, lookahead: int):
     cfg = FlowStreamConfig(context_window=context, lookahead_tokens=lookahead)
     streamer = HiFTStreamer(s3gen.mel2wav)
     state = init_flow_stream(s3gen, ref)
@@ -108,15 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         mel_ref, wav_ref = mel_ref.cpu(), wav_ref.cpu()
         log.info("one-shot: %d frames in %.2f s", mel_ref.shape[-1], t_one)
         for context in [int(c) for c in args.contexts.split(",")]:
-            counter = {"tokens": 0, "calls": 0}
-            s3gen.flow_inference = counting(s3gen, counter)
-            (mel, wav), t_ours = timed(device, lambda: ours(s3gen, ref, tokens, noise, args.chunk, context,
-                                                            args.lookahead, counter))
-            ours_work = dict(counter)
-            counter.update(tokens=0, calls=0)
-            wav_legacy, t_legacy = timed(device, lambda: legacy(s3gen, ref, tokens, noise, args.chunk, context))
-            legacy_work = dict(counter)
-            del s3gen.flow_inference  # back to the class method
+            ours_s3gen, legacy_s3gen = CountingS3Gen(s3gen), CountingS3Gen(s3gen)
+            (mel, wav), t_ours = timed(device, lambda: ours(ours_s3gen, ref, tokens, noise, args.chunk, context,
+                                                            args.lookahead))
+            wav_legacy, t_legacy = timed(device, lambda: legacy(legacy_s3gen, ref, tokens, noise, args.chunk,
+                                                                context))
+            ours_work = {"tokens": ours_s3gen.tokens, "calls": ours_s3gen.calls}
+            legacy_work = {"tokens": legacy_s3gen.tokens, "calls": legacy_s3gen.calls}
             mel, wav, wav_legacy = mel.cpu(), wav.cpu(), wav_legacy.cpu()
             row = {
                 "context_window": context,

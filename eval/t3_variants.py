@@ -1,15 +1,16 @@
 """T3 decode speed of several OptConfig specs in one process (one model load), interleaved.
 
-    python -m eval.t3_variants --device cuda --configs fast,fast+t3_fused_decode=1 [--tokens 200]
+    python -m eval.t3_variants --device cuda --configs fast+t3_gemv=0,fast [--tokens 200]
         [--reps 3] [--profile SPEC] [--commit SHA] [--out eval/results/NAME]
 
-Per config: ``set_opt`` (timed: packing, compile set-up), one untimed warm-up generation (graph
-captures, compilation: timed separately as ``warmup_s``), then ``--reps`` timed generations of
-``--tokens`` tokens each. Reports the
+Per config: ``set_opt`` (timed: a new engine, with its weight packing, compile set-up and, on the
+graphed runner, the default graph captures), one untimed warm-up generation (the remaining captures,
+compilation: timed separately as ``warmup_s``), then ``--reps`` timed generations of ``--tokens``
+tokens each, all on the engine's T3 runner (``tts.engine.t3_runner``). Reports the
 median ms/token and tokens/s, the ratio to the first config, how many tokens equal the first
 config's for the same seed, and peak GPU memory. ``--profile SPEC`` adds a torch.profiler pass of
 one config: GPU kernel ms/token and the top kernels. Configs run one after another (not
-interleaved): switching configs re-converts weights and re-captures graphs.
+interleaved): switching configs builds a new engine (weights converted, graphs captured again).
 """
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .ab import environment, resolve_config
-from .profile_t3 import generate, generate_ids
+from .ab import environment, resolve_config, switch_config
+from .profile_t3 import TEXT, generate, generate_ids
 
 log = logging.getLogger("eval.t3_variants")
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,9 @@ def timed_generation(tts, tokens: int, seed: int) -> tuple[float, list[int]]:
 
 
 def profile_one(tts, tokens: int) -> dict:
-    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if tts.device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         n = generate(tts, tokens, 1)
         _sync(tts.device)
@@ -60,7 +63,7 @@ def profile_one(tts, tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--configs", default="fast,fast+t3_fused_decode=1")
+    ap.add_argument("--configs", default="fast+t3_gemv=0,fast")
     ap.add_argument("--tokens", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", default=None, help="a spec from --configs to profile")
@@ -76,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     result_profile = None
     rows = {s: {"config": s, "spec": resolve_config(s).to_spec(), "samples_s": []} for s in specs}
     for spec in specs:  # one config at a time: switching re-converts weights and re-captures graphs
-        t0 = time.perf_counter()
-        tts.set_opt(resolve_config(spec))
-        rows[spec]["set_opt_s"] = time.perf_counter() - t0
+        rows[spec]["set_opt_s"] = switch_config(tts, resolve_config(spec))
+        rows[spec]["t3_runner"] = type(tts.engine.t3_runner).__name__
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rows[spec]["warmup_s"] = timed_generation(tts, args.tokens, 0)[0]
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%-60s %7.3f ms/token %7.1f tok/s x%.2f agree %.2f", spec, r["ms_per_token"], r["tokens_per_s"],
                  r["speedup_vs_first"], r["token_agreement_vs_first"])
     result = {"schema": "chatterbox-fast/t3-variants/1", "environment": environment(device, args.commit),
-              "settings": {"tokens": args.tokens, "reps": args.reps, "text": "Hello there, this is a profile run.",
+              "settings": {"tokens": args.tokens, "reps": args.reps, "text": TEXT,
                            "seed": 1, "batch": "1 (CFG pair of 2)"},
               "configs": [rows[s] for s in specs]}
     if args.profile in rows:
