@@ -7,6 +7,7 @@ weights and the runners, whose shared buffers are used under the graph registry'
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -36,7 +37,9 @@ from .graphs import GraphRegistry
 from .materialize import materialize, models_get, models_set
 from .request import SynthesisRequest
 from .session import Session, SynthesisResult
-from .t3_runner import EagerT3Runner, GraphedT3Runner, T3RunnerConfig
+from .t3_batcher import T3Batcher
+from .t3_runner import EagerT3Runner, GraphedT3Runner, T3Request, T3RunnerConfig
+from .t3_stream import T3Stream
 from .t3_state import default_pick
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class Engine:
         hift = models_get(models, component_specs()["hift"].path)
         self.streamer = HiFTStreamer(getattr(hift, "_orig_mod", hift))
         self.t3_runner = self._t3_runner()
+        self.t3_batcher = (T3Batcher(self.t3_runner, opt.stop_check_every)
+                           if opt.t3_batching and isinstance(self.t3_runner, GraphedT3Runner) else None)
         self._watermarker: Watermarker | None = None
         self._watermark_lock = threading.Lock()
         self.watermark_available = watermark_available()
@@ -154,12 +159,22 @@ class Engine:
             models_set(self.models, path, torch.compile(models_get(self.models, path)))
         if opt.t3.cuda_graphs and self.graphs.enabled:
             defaults = SynthesisRequest("").sampling()
-            return GraphedT3Runner(t3, fused, self.graphs, self.cfg.t3, pick,
+            cfg = self.cfg.t3 if opt.t3_batching else dataclasses.replace(self.cfg.t3, batch_buckets=(1,))
+            return GraphedT3Runner(t3, fused, self.graphs, cfg, pick,
                                    default_proc=RowProcessing.for_rows([defaults], defaults.order))
         runner = EagerT3Runner(t3, fused, pick)
         if compiled:
             runner.lock = self.graphs.lock  # compiled code is not called from two threads at once
         return runner
+
+    def t3_start(self, req: T3Request) -> T3Stream:
+        """A request's T3 generation: through the batcher when batching, else stepped by its caller."""
+        return (self.t3_batcher or self.t3_runner).start(req)
+
+    def close(self) -> None:
+        """Stop the batcher thread (running requests end); the engine's memory goes with its last reference."""
+        if self.t3_batcher is not None:
+            self.t3_batcher.close()
 
     # ------------------------------------------------------------------ text
     def count_text_tokens(self, text: str) -> int:

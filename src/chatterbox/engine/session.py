@@ -74,7 +74,7 @@ class Session:
         req = T3Request(cond=self.conds.t3, text_tokens=eng.text_tokens(segment), sampling=self.sampling,
                         max_new_tokens=self.request.max_new_tokens, generator=self.sample_gen,
                         block_size=eng.opt.stop_check_every)
-        return eng.t3_runner.start(req)
+        return eng.t3_start(req)
 
     def _watermark(self, wav: torch.Tensor) -> torch.Tensor:
         want = self.request.watermark

@@ -21,7 +21,7 @@ from ..models.t3.t3 import CFG_BATCH, T3
 # pool.position columns
 POS_BACKBONE, POS_SPEECH = 0, 1
 
-# decode(embeds (CFG_BATCH * b, 1, C), backbone positions (b,), slots (b,)) -> normed hidden (CFG_BATCH * b, 1, C)
+# decode(embeds (CFG_BATCH * b, 1, C), backbone positions (b,), slots (b,)) -> speech logits (CFG_BATCH * b, V)
 Decode = Callable[[Tensor, Tensor, Tensor], Tensor]
 # pick(logits (b, 2, V), seen (b, V), race (b, V), params (b, N_PARAMS), proc) -> tokens (b, 1)
 Pick = Callable[[Tensor, Tensor, Tensor, Tensor, RowProcessing], Tensor]
@@ -73,8 +73,7 @@ def pool_step(t3: T3, pool: T3StatePool, slots: Tensor, proc: RowProcessing, pic
     speech_position = position[:, POS_SPEECH]
     pool.history.index_put_((slots, speech_position - 1), token[:, 0])
     embeds = t3.next_token_embeds(token, speech_position)  # (2b, 1, C)
-    hidden = decode(embeds, position[:, POS_BACKBONE], slots)
-    logits = t3.speech_logits(hidden[:, -1]).view(b, CFG_BATCH, -1)
+    logits = decode(embeds, position[:, POS_BACKBONE], slots).view(b, CFG_BATCH, -1)
     pool.logits.index_copy_(0, slots, logits.to(pool.logits.dtype))
     pool.position.index_copy_(0, slots, position + 1)
 

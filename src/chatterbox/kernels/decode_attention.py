@@ -12,8 +12,9 @@ an additive mask, and an SDPA kernel built for long queries. Here it takes two l
   key and the value into the cache, so no program depends on another's write. No load waits for
   the position: every split loads its slots and masks the scores after the position (splits wholly
   after it contribute nothing).
-* ``_combine_kernel``, grid (rows * H,): merges a head's splits in split order (deterministic) into
-  the (rows, H * D) layout the output projection reads.
+* ``_combine_kernel``, grid (rows * H,): merges a head's splits in split order, one after another
+  (deterministic, and independent of the launch's window: empty splits add exact zeros), into the
+  (rows, H * D) layout the output projection reads.
 
 Two ways to name the cache:
 
@@ -180,23 +181,27 @@ def _attend_split(qkv_ptr, cos_ptr, sin_ptr, row_cache, pos, lo, h, b, out, stat
 
 @triton.jit
 def _combine_kernel(part_ptr, stat_ptr, out_ptr, s_ob, H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
-    """Merge head ``bh``'s split partials in split order."""
+                    SPLITS: tl.constexpr):
+    """Merge head ``bh``'s splits one after another, in split order.
+
+    Splits past the row's position hold a running max of -1e30 and a zero sum: their weight is exactly
+    0 and adding them changes nothing, so the result does not depend on the launch's window (how many
+    empty splits follow): a request's numbers are the same whatever other requests share its step."""
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    sp = tl.arange(0, SPLITS_POW2)
     stat = stat_ptr + bh * SPLITS * 2
-    m = tl.load(stat + sp * 2, mask=sp < SPLITS, other=float("-inf"))
-    l_sum = tl.load(stat + sp * 2 + 1, mask=sp < SPLITS, other=0.0)
-    top = tl.max(m, axis=0)
-    w = tl.where(sp < SPLITS, tl.exp(m - top), 0.0)
-    w = tl.where(l_sum > 0, w, 0.0)
     d = tl.arange(0, HEAD_DIM)
-    acc = tl.load(part_ptr + (bh * SPLITS + sp[:, None]) * HEAD_DIM + d[None, :],
-                  mask=(sp[:, None] < SPLITS) & (l_sum[:, None] > 0), other=0.0)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_sum * w, axis=0)
-    tl.store(out_ptr + b * s_ob + h * HEAD_DIM + d, o.to(out_ptr.dtype.element_ty))
+    top = tl.load(stat)
+    for sp in range(1, SPLITS):
+        top = tl.maximum(top, tl.load(stat + sp * 2))
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    l_sum = top * 0.0
+    for sp in range(0, SPLITS):
+        w = tl.exp(tl.load(stat + sp * 2) - top)
+        acc += w * tl.load(part_ptr + (bh * SPLITS + sp) * HEAD_DIM + d)
+        l_sum += w * tl.load(stat + sp * 2 + 1)
+    tl.store(out_ptr + b * s_ob + h * HEAD_DIM + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
 
 
 def _check_qkv(qkv: Tensor, num_heads: int, num_kv_heads: int) -> None:
@@ -228,7 +233,7 @@ def _launch(qkv: Tensor, cos: Tensor, sin: Tensor, cache: Tensor, ptr_table: Ten
         ROWS=rows, TABLE=table, num_warps=cfg.num_warps)
     if splits > 1:
         _combine_kernel[(b * num_heads,)](part, stat, out, out.stride(0), H=num_heads, HEAD_DIM=d, SPLITS=splits,
-                                          SPLITS_POW2=triton.next_power_of_2(splits), num_warps=1)
+                                          num_warps=1)
     return out
 
 
@@ -276,8 +281,10 @@ def decode_attention_table(qkv: Tensor, cos: Tensor, sin: Tensor, table: CacheTa
                          f"({reqs}, {d}); got {tuple(qkv.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}")
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return _launch(qkv, cos.contiguous(), sin.contiguous(), qkv, table.ptr, table.length, table.position, 0, layer,
-                   (0, 0, 0, 0), num_heads, num_kv_heads, rows, True, window, cfg)
+    # the kernel reads the tables with unit stride (a column of a pool is strided)
+    return _launch(qkv, cos.contiguous(), sin.contiguous(), qkv, table.ptr.contiguous(), table.length.contiguous(),
+                   table.position.contiguous(), 0, layer, (0, 0, 0, 0), num_heads, num_kv_heads, rows, True, window,
+                   cfg)
 
 
 @triton.jit
@@ -316,7 +323,7 @@ def write_kv_table(k: Tensor, v: Tensor, ptr: Tensor, length: Tensor, layer: int
     if b != ptr.shape[0] * rows:
         raise ValueError(f"{b} rows do not make {ptr.shape[0]} requests of {rows}")
     _write_kv_kernel[(b * kvh, triton.cdiv(s, WRITE_BLOCK_S))](
-        k, v, ptr, length, s, layer, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        k, v, ptr.contiguous(), length.contiguous(), s, layer, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         KVH=kvh, D=d, ROWS=rows, BLOCK_S=WRITE_BLOCK_S, num_warps=1)
 
 

@@ -90,6 +90,10 @@ class OptConfig:
     # With t3_fused_decode: the norms, the SiLU gate and the residual adds run inside the projection
     # GEMVs (kernels/fused_gemv.py, CUDA; torch compositions elsewhere).
     t3_gemv_fusion: bool = False
+    # With t3.cuda_graphs: continuous batching. One engine thread advances every running request by
+    # one token per replay (up to the largest of EngineConfig.t3.batch_buckets at once); requests join
+    # and leave at token granularity (engine/t3_batcher.py). Off: each request steps itself.
+    t3_batching: bool = False
 
     def __post_init__(self) -> None:
         if self.autograd_mode not in AUTOGRAD_MODES:
@@ -106,6 +110,8 @@ class OptConfig:
             raise ValueError("t3_decode_attention needs t3_fused_decode (the kernels run inside the fused decode)")
         if self.t3_gemv_fusion and not self.t3_fused_decode:
             raise ValueError("t3_gemv_fusion needs t3_fused_decode (the kernels run inside the fused decode)")
+        if self.t3_batching and not self.t3.cuda_graphs:
+            raise ValueError("t3_batching needs t3.cuda_graphs (requests are batched in the captured decode step)")
         if self.t3.cuda_graphs and not self.t3_decode_attention:
             raise ValueError("t3.cuda_graphs needs t3_decode_attention (and so t3_fused_decode): one captured "
                              "decode step serves every request by reading each request's KV cache through a "
@@ -192,7 +198,7 @@ class OptConfig:
         and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
         Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
         ``cfm_bucket_frames``; ``t3_fused_decode``, ``t3_gemv``, ``t3_decode_attention``,
-        ``t3_gemv_fusion`` (booleans).
+        ``t3_gemv_fusion``, ``t3_batching`` (booleans).
         """
         if not isinstance(spec, str):
             raise TypeError(f"an OptConfig spec is a str, got {type(spec).__name__}")
@@ -268,7 +274,7 @@ class OptConfig:
 def _global_value(key: str, value: str):
     if key in ("autograd_mode", "attention_backend"):
         return value
-    if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion"):
+    if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion", "t3_batching"):
         low = value.lower()
         if low not in _TRUE + _FALSE:
             raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")

@@ -139,6 +139,10 @@ class FusedDecoder:
     attend_fn: Callable = reference_decode_attention
     # Norms, SiLU gate and residual adds inside the projections (needs interleaved gate/up rows).
     gemv_fusion: bool = False
+    # When set, every projection runs on groups of this many rows (one request's CFG pair) on its own,
+    # so a request's numbers never depend on how many others share its step (CPU GEMMs block by the
+    # row count). None: one projection over the whole batch.
+    request_rows: int | None = None
 
     @classmethod
     def pack(cls, model: LlamaModel, gemv_fusion: bool = False) -> "FusedDecoder":
@@ -152,6 +156,9 @@ class FusedDecoder:
 
     def with_attention(self, attend_fn: Callable) -> "FusedDecoder":
         return replace(self, attend_fn=attend_fn)
+
+    def with_request_rows(self, rows: int | None) -> "FusedDecoder":
+        return replace(self, request_rows=rows)
 
     def with_kernels(self, outputs_fn: Callable, norm_fn: Callable | None = None) -> "FusedDecoder":
         return replace(self, outputs_fn=outputs_fn, norm_fn=norm_fn or self.norm_fn)
@@ -233,21 +240,42 @@ class FusedDecoder:
         eps = cfg.rms_norm_eps
         width = cfg.num_heads + 2 * cfg.num_kv_heads
         x = embeds
+        grouped = self._grouped
         if self.gemv_fusion:
             for i, w in enumerate(self.layers):
-                qkv = rms_linear(x, w.input_norm, w.qkv, eps).view(b, s, width, cfg.head_dim)
-                h = residual_linear(attend(i, qkv), w.o, x)
-                x = residual_linear(rms_glu_linear(h, w.post_norm, w.gate_up, eps), w.down, h)
+                qkv = grouped(rms_linear, (0,), x, w.input_norm, w.qkv, eps).view(b, s, width, cfg.head_dim)
+                h = grouped(residual_linear, (0, 2), attend(i, qkv), w.o, x)
+                gate = grouped(rms_glu_linear, (0,), h, w.post_norm, w.gate_up, eps)
+                x = grouped(residual_linear, (0, 2), gate, w.down, h)
             return self.norm_fn(x, self.final_norm, eps)
         normed = self.norm_fn(x, self.layers[0].input_norm, eps)
         last = len(self.layers) - 1
         for i, w in enumerate(self.layers):
-            qkv = self.linear_fn(normed, w.qkv).view(b, s, width, cfg.head_dim)
+            qkv = grouped(self.linear_fn, (0,), normed, w.qkv).view(b, s, width, cfg.head_dim)
             attn = attend(i, qkv)
             next_norm = self.final_norm if i == last else self.layers[i + 1].input_norm
-            x, normed = self.outputs_fn(x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm, eps,
-                                        self.linear_fn)
+            x, normed = grouped(self.outputs_fn, (0, 1), x, attn, w.o, w.post_norm, w.gate_up, w.down, next_norm,
+                                eps, self.linear_fn)
         return normed
+
+    def per_request(self, fn: Callable, x: Tensor) -> Tensor:
+        """``fn(x)`` for a row-wise ``fn`` (the speech head), per request when ``request_rows`` is set."""
+        return self._grouped(fn, (0,), x)
+
+    def _grouped(self, fn: Callable, row_args: tuple[int, ...], *args):
+        """``fn(*args)``, or with ``request_rows`` set, ``fn`` on each request's rows of the arguments
+        at ``row_args`` (the ones that carry the batch), joined back."""
+        rows = self.request_rows
+        b = args[0].shape[0]
+        if rows is None or b <= rows:
+            return fn(*args)
+        parts = []
+        for lo in range(0, b, rows):
+            part = [a[lo:lo + rows] if i in row_args else a for i, a in enumerate(args)]
+            parts.append(fn(*part))
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(ps, dim=0) for ps in zip(*parts))
+        return torch.cat(parts, dim=0)
 
 
 __all__ = ["Attend", "FusedDecoder", "PackedLayer", "allocate_stacked_cache", "attention_outputs", "pack_layers",
