@@ -39,6 +39,7 @@ examples:
   echo "Read from stdin." | chatterbox-tts - --raw --pretrained | aplay -f S16_LE -r 24000
   chatterbox-tts "Faster on a GPU." -o out.wav --pretrained --device cuda --opt "fast"
   chatterbox-tts "One toggle." -o out.wav --pretrained --opt "reference+t3.dtype=bf16"
+  chatterbox-tts serve --pretrained --device cuda    (OpenAI-compatible HTTP server; serve --help)
 
 Without --ckpt or --pretrained the embedded synthetic checkpoint is used: every model runs at full
 size, but the output is NOT speech. Exit status: 0 on success, 2 for bad input (options, files,
@@ -594,6 +595,11 @@ def _synthesise(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the HTTP server (speaking the text "serve": chatterbox-tts -- serve)
+        from .serve.cli import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     configure_logging(args)
     return run_guarded(args, _synthesise)
