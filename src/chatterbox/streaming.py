@@ -51,10 +51,22 @@ def init_flow_stream(s3gen: S3Gen, ref: S3GenRef) -> FlowStreamState:
                            emitted_frame=int(ref.prompt_feat.shape[1]))
 
 
-def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_tokens: torch.Tensor,
-                     cfm_noise: torch.Tensor, cfg: FlowStreamConfig, final: bool = False,
-                     n_timesteps: int | None = None) -> tuple[torch.Tensor, FlowStreamState]:
-    """Add valid speech codes ``new_tokens`` (M,) -> (mel frames now ready (1, 80, k), new state)."""
+@dataclass(frozen=True)
+class FlowStepPlan:
+    """What one flow step renders: the token window and its noise, and which output frames to keep."""
+
+    window: torch.Tensor  # (W,) speech codes: left context + the tokens so far
+    noise: torch.Tensor  # (1, n_mels, >= frames) the start noise of the window's frames, prompt first
+    start: int  # output frames [start, stop) of the flow's result are the ones now ready
+    stop: int
+
+
+def plan_flow_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_tokens: torch.Tensor,
+                   cfm_noise: torch.Tensor, cfg: FlowStreamConfig,
+                   final: bool = False) -> tuple[FlowStepPlan | None, FlowStreamState]:
+    """Add valid speech codes ``new_tokens`` (M,) -> (the flow call to make, or None when no frame is
+    ready yet; the new state). ``flow_stream_step`` runs the plan; a scheduler may run several
+    requests' plans in one batched CFM call (``S3GenFlow.decode_batch``)."""
     if state.finished:
         raise RuntimeError("flow stream already finished")
     tokens = torch.cat([state.tokens, new_tokens.reshape(-1).to(state.tokens.device)])
@@ -65,9 +77,8 @@ def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_to
     ready_tokens = n_tokens if final else max(n_tokens - cfg.lookahead_tokens, 0)
     emit_to = max(prompt_frames + ratio * ready_tokens, state.emitted_frame)
     new_state = FlowStreamState(tokens=tokens, emitted_frame=emit_to, finished=final)
-    n_mels = s3gen.cfg.flow.n_mels
     if emit_to == state.emitted_frame:
-        return cfm_noise.new_zeros((1, n_mels, 0)), new_state
+        return None, new_state
 
     first_token = max((state.emitted_frame - prompt_frames) // ratio, 0)
     context_start = max(first_token - cfg.context_window, 0)
@@ -76,14 +87,24 @@ def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_to
         # An odd-length prompt mel covers the first frame after the prompt; keep at least one
         # context token there so no emitted frame falls under the prompt conditioning.
         context_start = min(context_start, first_token - 1)
-    window = tokens[context_start:]
     shift = ratio * context_start  # absolute frame = local frame + shift, for frames after the prompt
     noise = torch.cat([cfm_noise[:, :, :prompt_frames],
                        cfm_noise[:, :, prompt_frames + shift:prompt_frames + ratio * n_tokens]], dim=2)
-    mel = s3gen.flow_inference(window, ref, cfm_noise=noise, n_timesteps=n_timesteps)  # local frames [F, ...)
-    start = state.emitted_frame - shift - prompt_feat_frames
-    stop = emit_to - shift - prompt_feat_frames
-    return mel[:, :, start:stop], new_state
+    plan = FlowStepPlan(window=tokens[context_start:], noise=noise,
+                        start=state.emitted_frame - shift - prompt_feat_frames,
+                        stop=emit_to - shift - prompt_feat_frames)
+    return plan, new_state
+
+
+def flow_stream_step(s3gen: S3Gen, ref: S3GenRef, state: FlowStreamState, new_tokens: torch.Tensor,
+                     cfm_noise: torch.Tensor, cfg: FlowStreamConfig, final: bool = False,
+                     n_timesteps: int | None = None) -> tuple[torch.Tensor, FlowStreamState]:
+    """Add valid speech codes ``new_tokens`` (M,) -> (mel frames now ready (1, 80, k), new state)."""
+    plan, new_state = plan_flow_step(s3gen, ref, state, new_tokens, cfm_noise, cfg, final)
+    if plan is None:
+        return cfm_noise.new_zeros((1, s3gen.cfg.flow.n_mels, 0)), new_state
+    mel = s3gen.flow_inference(plan.window, ref, cfm_noise=plan.noise, n_timesteps=n_timesteps)  # local frames [F, ...)
+    return mel[:, :, plan.start:plan.stop], new_state
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from ..models.s3gen.hift_stream import HiFTStreamer, StreamNoise
 from ..models.s3gen.s3gen import S3Gen, S3GenRef
-from ..streaming import FlowStreamConfig, flow_stream_step, init_flow_stream
+from ..streaming import FlowStepPlan, FlowStreamConfig, flow_stream_step, init_flow_stream, plan_flow_step
 from ..text import drop_invalid_tokens
 
 
@@ -74,6 +74,16 @@ class SegmentRenderer:
         mel, self.flow_state = flow_stream_step(self.s3gen, self.ref, self.flow_state, valid, self.cfm_noise,
                                                 self.flow_cfg, final=final, n_timesteps=self.n_timesteps)
         return mel
+
+    def plan(self, valid: torch.Tensor, final: bool) -> FlowStepPlan | None:
+        """``flow`` in two halves, for a scheduler that decodes several requests at once: what to render
+        (None when no frame is ready yet); the state moves on as ``flow`` moves it."""
+        plan, self.flow_state = plan_flow_step(self.s3gen, self.ref, self.flow_state, valid, self.cfm_noise,
+                                               self.flow_cfg, final=final)
+        return plan
+
+    def empty_mel(self) -> torch.Tensor:
+        return self.cfm_noise.new_zeros((1, self.s3gen.cfg.flow.n_mels, 0))
 
     def vocode(self, mel: torch.Tensor, final: bool) -> torch.Tensor:
         """Mel frames -> the waveform samples now final (1, n), trim fade applied, float32."""

@@ -7,6 +7,7 @@ weights and the runners, whose shared buffers are used under the graph registry'
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -37,6 +38,7 @@ from .graphs import GraphRegistry
 from .materialize import materialize, models_get, models_set
 from .request import SynthesisRequest
 from .session import Session, SynthesisResult
+from .s3gen_scheduler import S3GenScheduler
 from .t3_batcher import T3Batcher
 from .t3_runner import EagerT3Runner, GraphedT3Runner, T3Request, T3RunnerConfig
 from .t3_stream import T3Stream
@@ -48,6 +50,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     t3: T3RunnerConfig = field(default_factory=T3RunnerConfig.published)
+    # with OptConfig.s3gen_scheduling: streamed chunks of up to this many requests share one CFM call
+    s3gen_batch: int = 1
     text_split: TextSplitConfig = field(default_factory=TextSplitConfig.published)
     voice: VoiceConfig = field(default_factory=VoiceConfig.published)
 
@@ -89,6 +93,8 @@ class Engine:
         self.t3_runner = self._t3_runner()
         self.t3_batcher = (T3Batcher(self.t3_runner, opt.stop_check_every)
                            if opt.t3_batching and isinstance(self.t3_runner, GraphedT3Runner) else None)
+        self.s3gen_scheduler = (S3GenScheduler(self.context, opt.cfm_steps, self.cfg.s3gen_batch)
+                                if opt.s3gen_scheduling else None)
         self._watermarker: Watermarker | None = None
         self._watermark_lock = threading.Lock()
         self.watermark_available = watermark_available()
@@ -166,6 +172,13 @@ class Engine:
         if compiled:
             runner.lock = self.graphs.lock  # compiled code is not called from two threads at once
         return runner
+
+    def context(self) -> contextlib.ExitStack:
+        """The autograd mode and attention backend the engine's work runs in."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(autograd_context(self.opt.autograd_mode))
+        stack.enter_context(attention_context(self.opt.attention_backend))
+        return stack
 
     def t3_start(self, req: T3Request) -> T3Stream:
         """A request's T3 generation: through the batcher when batching, else stepped by its caller."""

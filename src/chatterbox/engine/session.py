@@ -17,7 +17,6 @@ import torch
 
 from ..conditionals import Conditionals
 from ..models.s3gen.hift_stream import StreamNoise
-from ..optim.modes import attention_context, autograd_context
 from ..streaming import ChunkTiming, StreamingMetrics, chunk_schedule
 from ..text import drop_invalid_tokens
 from ..timing import StageTimer
@@ -64,10 +63,7 @@ class Session:
         self.sampling = request.sampling()
 
     def _context(self) -> contextlib.ExitStack:
-        stack = contextlib.ExitStack()
-        stack.enter_context(autograd_context(self.engine.opt.autograd_mode))
-        stack.enter_context(attention_context(self.engine.opt.attention_backend))
-        return stack
+        return self.engine.context()
 
     def _t3(self, segment: str):
         eng = self.engine
@@ -125,6 +121,7 @@ class Session:
         with self._context():
             cfm_noise = eng.cfm_noise(self.noise_gen)
         total = 0
+        first_audio_at = None  # perf_counter time the caller got the first audio: playback starts then
         for segment in self.segments:
             with self._context():
                 stream = self._t3(segment)
@@ -135,17 +132,28 @@ class Session:
             try:
                 for chunk in chunks:
                     timer = StageTimer(eng.device)
-                    with self._context():
-                        with timer.stage("flow"):
-                            mel = renderer.flow(chunk.valid, chunk.final)
-                        with timer.stage("vocoder"):
-                            wav = renderer.vocode(mel, chunk.final)
+                    if eng.s3gen_scheduler is not None:
+                        # deadline: when the audio already handed to the caller runs out in real time
+                        deadline = start if first_audio_at is None else first_audio_at + total / eng.sample_rate
+                        t0 = time.perf_counter()
+                        wav = eng.s3gen_scheduler.render(renderer, chunk, first=first_audio_at is None,
+                                                         deadline=deadline)
+                        stages = {"flow": time.perf_counter() - t0}  # queueing, flow and vocoder together
+                    else:
+                        with self._context():
+                            with timer.stage("flow"):
+                                mel = renderer.flow(chunk.valid, chunk.final)
+                            with timer.stage("vocoder"):
+                                wav = renderer.vocode(mel, chunk.final)
+                        stages = None
                     if wav.shape[-1] == 0:
                         continue
                     audio = self._watermark(handout(wav))
-                    stages = timer.summary()
+                    stages = stages if stages is not None else timer.summary()
                     total += audio.shape[1]
                     now = time.perf_counter() - start
+                    if first_audio_at is None:
+                        first_audio_at = time.perf_counter()
                     if metrics.latency_to_first_chunk is None:
                         metrics.latency_to_first_chunk = now
                         if log_metrics:

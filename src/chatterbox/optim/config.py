@@ -94,6 +94,10 @@ class OptConfig:
     # one token per replay (up to the largest of EngineConfig.t3.batch_buckets at once); requests join
     # and leave at token granularity (engine/t3_batcher.py). Off: each request steps itself.
     t3_batching: bool = False
+    # Streaming: one engine worker renders every request's chunks, first chunks first, then by
+    # deadline; up to EngineConfig.s3gen_batch chunks of different requests share one CFM call
+    # (engine/s3gen_scheduler.py). Off: each request renders its own chunks as they come.
+    s3gen_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.autograd_mode not in AUTOGRAD_MODES:
@@ -198,7 +202,7 @@ class OptConfig:
         and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
         Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
         ``cfm_bucket_frames``; ``t3_fused_decode``, ``t3_gemv``, ``t3_decode_attention``,
-        ``t3_gemv_fusion``, ``t3_batching`` (booleans).
+        ``t3_gemv_fusion``, ``t3_batching``, ``s3gen_scheduling`` (booleans).
         """
         if not isinstance(spec, str):
             raise TypeError(f"an OptConfig spec is a str, got {type(spec).__name__}")
@@ -274,7 +278,8 @@ class OptConfig:
 def _global_value(key: str, value: str):
     if key in ("autograd_mode", "attention_backend"):
         return value
-    if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion", "t3_batching"):
+    if key in ("t3_fused_decode", "t3_gemv", "t3_decode_attention", "t3_gemv_fusion", "t3_batching",
+               "s3gen_scheduling"):
         low = value.lower()
         if low not in _TRUE + _FALSE:
             raise ValueError(f"{key} needs a boolean (1/0, true/false, on/off), got {value!r}")

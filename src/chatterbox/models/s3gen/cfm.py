@@ -1,5 +1,9 @@
 """Conditional flow matching sampler of S3Gen: Euler ODE steps with classifier-free guidance.
 
+A meanflow estimator (Chatterbox-Turbo, ``CFMConfig.meanflow``) is distilled with guidance baked in:
+it runs plain Euler steps over the interval pairs (t, r) of a linear schedule (two steps,
+t = 0, 0.5, 1), batch B, no guidance batch, each step x += (r - t) * v(x, t, r).
+
 Start noise is an input (the caller owns the noise buffer and its temperature), so the sampler is
 deterministic. The estimator submodule is named ``estimator`` so that, inside the flow module's
 ``decoder`` slot, keys read ``decoder.estimator.*`` as in the checkpoint.
@@ -7,7 +11,7 @@ deterministic. The estimator submodule is named ``estimator`` so that, inside th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -41,6 +45,21 @@ class CFMConfig:
     def small(cls) -> "CFMConfig":
         """Tiny estimator for fast unit tests (not a published model)."""
         return cls(estimator=ConditionalDecoderConfig.small())
+
+    @property
+    def meanflow(self) -> bool:
+        return self.estimator.meanflow
+
+    @classmethod
+    def published_meanflow(cls) -> "CFMConfig":
+        """Chatterbox-Turbo's distilled flow: 2 linear steps of the meanflow estimator, no guidance."""
+        return cls(n_timesteps=2, t_scheduler="linear", estimator=ConditionalDecoderConfig.published_meanflow())
+
+    @classmethod
+    def small_meanflow(cls) -> "CFMConfig":
+        """Tiny meanflow estimator for fast unit tests (not a published model)."""
+        return cls(n_timesteps=2, t_scheduler="linear",
+                   estimator=replace(ConditionalDecoderConfig.small(), meanflow=True))
 
 
 def cosine_timesteps(n: int, device: torch.device | str | None = None,
@@ -87,6 +106,8 @@ class CausalCFM(nn.Module):
             raise ValueError(f"n_timesteps must be >= 1, got {n}")
         if noise.shape != mu.shape:
             raise ValueError(f"noise {tuple(noise.shape)} must have mu's shape {tuple(mu.shape)}")
+        if self.cfg.meanflow:
+            return self._mean_euler(mu, mask, spks, cond, noise, n, on_step)
         rate = self.cfg.inference_cfg_rate
         b = mu.shape[0]
 
@@ -116,4 +137,18 @@ class CausalCFM(nn.Module):
             t = t + dt
             if k + 1 < n:
                 dt = t_span[k + 2] - t
+        return x
+
+    def _mean_euler(self, mu: torch.Tensor, mask: torch.Tensor | None, spks: torch.Tensor, cond: torch.Tensor,
+                    noise: torch.Tensor, n: int, on_step: StepCallback | None) -> torch.Tensor:
+        """Meanflow sampling: for consecutive (t, r) of the schedule, x += (r - t) * v(x, t, r)."""
+        b = mu.shape[0]
+        t_span = self.timesteps(n, mu.device, mu.dtype)  # (n+1,)
+        x = noise
+        for k in range(n):
+            t, r = t_span[k], t_span[k + 1]
+            if on_step is not None:
+                on_step(k, x, t)
+            v = self.estimator(x, mask, mu, t.expand(b), spks, cond, r=r.expand(b))
+            x = x + (r - t) * v
         return x

@@ -7,6 +7,10 @@ final causal block and a 1x1 projection. Keys live under ``flow.decoder.estimato
 Per call, work shared by all stages is done once: the Mish of the time embedding, the attention
 bias, and the masking of each stage's input (every transformer stack hands back its output already
 masked, in the (B, C, T) layout the convolutions read, see ``channels_first``).
+
+The meanflow variant (Chatterbox-Turbo's ``s3gen_meanflow``) predicts the mean velocity over an
+interval [t, r]: both ends go through the same sinusoidal features and time MLP, and a bias-free
+linear ``time_embed_mixer`` maps their concatenation [emb(t) | emb(r)] back to one time embedding.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ class ConditionalDecoderConfig:
     norm_eps: float = 1e-5
     time_scale: float = 1000.0  # t in [0, 1] is scaled before the sinusoidal features
     max_period: float = 10000.0
+    # Meanflow estimator: takes the interval end ``r`` too and mixes both time embeddings.
+    meanflow: bool = False
 
     @property
     def in_channels(self) -> int:
@@ -63,6 +69,12 @@ class ConditionalDecoderConfig:
     def small(cls) -> "ConditionalDecoderConfig":
         """A tiny estimator for fast unit tests (not a published model)."""
         return cls(n_feats=8, spk_dim=8, channels=16, n_blocks=1, num_mid_blocks=2, num_heads=2, head_dim=8)
+
+    @classmethod
+    def published_meanflow(cls) -> "ConditionalDecoderConfig":
+        """The estimator of ``s3gen_meanflow.safetensors`` (Chatterbox-Turbo): the published one plus
+        the time mixer."""
+        return cls(meanflow=True)
 
 
 def _transformers(cfg: ConditionalDecoderConfig) -> nn.ModuleList:
@@ -108,6 +120,9 @@ class ConditionalDecoder(nn.Module):
         ])
         self.final_block = CausalBlock1D(c, c, cfg.kernel_size, cfg.norm_eps)
         self.final_proj = Conv1d(c, cfg.n_feats, 1)
+        if cfg.meanflow:
+            # (time_embed_dim, 2 * time_embed_dim), no bias: checkpoint key ``time_embed_mixer.weight``
+            self.time_embed_mixer = nn.Linear(2 * cfg.time_embed_dim, cfg.time_embed_dim, bias=False)
 
     def forward(
         self,
@@ -117,11 +132,13 @@ class ConditionalDecoder(nn.Module):
         t: torch.Tensor,
         spks: torch.Tensor,
         cond: torch.Tensor,
+        r: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity for the current x.
 
         x, mu, cond: (B, n_feats, T); mask: (B, 1, T) of 0/1, or None when no frame is padded (same
         numbers as a mask of ones, without the masking work); t: (B,) in [0, 1]; spks: (B, spk_dim).
+        r: (B,) end of the interval, given exactly when the estimator is a meanflow one.
         Returns (B, n_feats, T), zero on padded frames.
         """
         cfg = self.cfg
@@ -133,13 +150,17 @@ class ConditionalDecoder(nn.Module):
             raise ValueError(f"spks must be ({x.shape[0]}, {cfg.spk_dim}), got {tuple(spks.shape)}")
         if mask is not None and mask.shape != (x.shape[0], 1, x.shape[2]):
             raise ValueError(f"mask must be ({x.shape[0]}, 1, {x.shape[2]}), got {tuple(mask.shape)}")
+        if (r is not None) != cfg.meanflow:
+            raise ValueError("the interval end r is required by a meanflow estimator and taken by no other")
 
         dtype = self.final_proj.weight.dtype
         x, mask, mu, spks, cond = (cast_floating(v, dtype) for v in (x, mask, mu, spks, cond))
         # t stays float32 under a lower-precision pass (1000 * t needs the mantissa); the features
         # are cast to the activation dtype only after the sinusoids.
-        t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
-        t_emb = self.time_mlp(t_feat.to(x.dtype))  # (B, time_embed_dim)
+        t_emb = self._time_embedding(t, x.dtype)  # (B, time_embed_dim)
+        if r is not None:
+            pair = torch.cat([t_emb, self._time_embedding(r, x.dtype)], dim=1)  # (B, 2 * time_embed_dim)
+            t_emb = self.time_embed_mixer(pair)
         t_act = F.mish(t_emb)  # every resnet projects Mish(t_emb); computed once
 
         spk_map = spks.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # (B, spk_dim, T)
@@ -162,3 +183,9 @@ class ConditionalDecoder(nn.Module):
         h = self.final_block(h, mask)  # masked on return
         out = self.final_proj(h)  # (B, n_feats, T)
         return as_float32(apply_mask(out, mask))
+
+    def _time_embedding(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B,) times -> (B, time_embed_dim): sinusoidal features, then the time MLP."""
+        cfg = self.cfg
+        t_feat = sinusoidal_embedding(t, cfg.in_channels, cfg.time_scale, cfg.max_period)  # (B, in_channels)
+        return self.time_mlp(t_feat.to(dtype))

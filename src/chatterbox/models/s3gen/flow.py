@@ -169,6 +169,28 @@ class S3GenFlow(nn.Module):
         feat = self.decoder(c.mu, c.mask, c.spks, c.cond, z, n_timesteps=n_timesteps, on_step=on_step)
         return feat[:, :, c.prompt_frames:]
 
+    def decode_batch(self, conds: list[FlowConditioning], noises: list[torch.Tensor],
+                     n_timesteps: int | None = None) -> list[torch.Tensor]:
+        """``decode`` of several requests in one CFM call: their frames padded to the longest with mask 0
+        (the estimator keeps valid frames blind to padding), each result cut back to its own frames.
+        The numbers equal one call per request up to the GEMMs' and convolutions' batch-dependent
+        rounding."""
+        totals = [c.total_frames for c in conds]
+        longest = max(totals)
+        for c, noise in zip(conds, noises):
+            if noise.dim() != 3 or noise.shape[1] != self.cfg.n_mels or noise.shape[2] < c.total_frames:
+                raise ValueError(f"noise must be (1, {self.cfg.n_mels}, >= {c.total_frames}), got {tuple(noise.shape)}")
+
+        def padded(t: torch.Tensor, frames: int) -> torch.Tensor:
+            return F.pad(t, (0, longest - frames))
+
+        mu = torch.cat([padded(c.mu, t) for c, t in zip(conds, totals)])
+        cond = torch.cat([padded(c.cond, t) for c, t in zip(conds, totals)])
+        mask = torch.cat([padded(c.mask, t) for c, t in zip(conds, totals)])
+        z = torch.cat([padded(n[:, :, :t].to(device=mu.device, dtype=mu.dtype), t) for n, t in zip(noises, totals)])
+        feat = self.decoder(mu, mask, torch.cat([c.spks for c in conds]), cond, z, n_timesteps=n_timesteps)
+        return [feat[i:i + 1, :, c.prompt_frames:t] for i, (c, t) in enumerate(zip(conds, totals))]
+
     def forward(self, speech_tokens: torch.Tensor, prompt_token: torch.Tensor, prompt_feat: torch.Tensor,
                 embedding: torch.Tensor, noise: torch.Tensor, finalize: bool = True,
                 n_timesteps: int | None = None,

@@ -22,7 +22,8 @@ from ...audio import (S3GenMelConfig, resample_sinc, resample_torchaudio, s3gen_
                       sinc_resample_kernel)
 from ...nn.transfer import host_to_device
 from ..s3tokenizer import S3Tokenizer, S3TokenizerConfig
-from .flow import FlowConfig, S3GenFlow
+from .cfm import CFMConfig
+from .flow import FlowConditioning, FlowConfig, S3GenFlow
 from .hift import HiFTConfig, HiFTGenerator
 from .source import SourceNoise
 from .xvector import CAMPPlus, CAMPPlusConfig
@@ -52,6 +53,12 @@ class S3GenConfig:
     @classmethod
     def published(cls) -> "S3GenConfig":
         return cls()
+
+    @classmethod
+    def published_meanflow(cls) -> "S3GenConfig":
+        """``s3gen_meanflow.safetensors`` (Chatterbox-Turbo): the published S3Gen whose flow samples with
+        the 2-step meanflow estimator (one extra key, ``flow.decoder.estimator.time_embed_mixer.weight``)."""
+        return cls(flow=FlowConfig(cfm=CFMConfig.published_meanflow()))
 
     @classmethod
     def tiny(cls) -> "S3GenConfig":
@@ -119,6 +126,17 @@ class S3GenRef(MutableMapping):
 
     def clone(self) -> "S3GenRef":
         return S3GenRef.from_dict({k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.as_dict().items()})
+
+
+def meanflow_start_noise(frame_noise: torch.Tensor, speech_noise: torch.Tensor) -> torch.Tensor:
+    """Upstream's meanflow start noise from its two draws: ``frame_noise`` (1, 80, T) drawn over every
+    CFM frame, whose last ``speech_noise.shape[-1]`` frames are replaced by ``speech_noise`` (1, 80, S),
+    drawn first, for the new tokens (S = 2 per token). Out of place; (1, 80, T)."""
+    split = frame_noise.shape[-1] - speech_noise.shape[-1]
+    if split < 0:
+        raise ValueError(f"speech noise ({speech_noise.shape[-1]} frames) is longer than the CFM input "
+                         f"({frame_noise.shape[-1]} frames)")
+    return torch.cat([frame_noise[..., :split], speech_noise.to(frame_noise.dtype)], dim=-1)
 
 
 def _no_stage(name: str) -> ContextManager:
@@ -230,6 +248,12 @@ class S3Gen(nn.Module):
             cfm_noise = self.draw_cfm_noise(generator)
         return self.flow(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, cfm_noise,
                          finalize=finalize, n_timesteps=n_timesteps)
+
+    def flow_condition(self, speech_tokens: torch.Tensor, ref: S3GenRef, finalize: bool = True) -> FlowConditioning:
+        """The CFM conditioning of ``flow_inference`` (encoder run, nothing sampled): for callers that
+        decode several requests together (``S3GenFlow.decode_batch``)."""
+        tokens = self._check_tokens(speech_tokens)
+        return self.flow.prepare(tokens, ref.prompt_token, ref.prompt_feat, ref.embedding, finalize=finalize)
 
     def hift_inference(self, mel: torch.Tensor, noise: SourceNoise | None = None,
                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
