@@ -131,7 +131,9 @@ class TurboTokenizer:
         added: dict[int, tuple[str, bool]] = {}
         for token_id, entry in self.config.get("added_tokens_decoder", {}).items():
             content = _token_content(entry)
-            special = bool(entry.get("special", content in specials)) if isinstance(entry, dict) else content in specials
+            special = content in specials
+            if isinstance(entry, dict):
+                special = bool(entry.get("special", special))
             added[int(token_id)] = (content, special)
         added_path = directory / ADDED_TOKENS_FILE
         if added_path.is_file():
