@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from chatterbox import cli
+from chatterbox import cli, cli_output
 from conftest import ROOT
 
 TWO_SEGMENTS = (  # two sentences of ~170 synthetic text tokens each: two segments of at most 300
@@ -275,23 +275,23 @@ def test_progress_bar_on_a_terminal():
             pass
 
     out = Tty()
-    bar = cli.Progress(4, stream=out)
+    bar = cli_output.Progress(4, stream=out)
     bar.update(1, 0.0)
     bar.update(1, 2.5, finished=True)
     bar.close()
     assert "\r[" in out.text and "segment 1/4, 2.5 s of audio" in out.text and out.text.endswith("\n")
     quiet = Tty()
-    cli.Progress(1, stream=quiet).update(1, 1.0, finished=True)  # one segment: nothing to show
+    cli_output.Progress(1, stream=quiet).update(1, 1.0, finished=True)  # one segment: nothing to show
     assert quiet.text == ""
 
 
 def test_audio_sink_renames_on_success_and_discards_on_failure(tmp_path):
-    with cli.AudioSink(24000, tmp_path / "a.flac", raw=False) as sink:
+    with cli_output.AudioSink(24000, tmp_path / "a.flac", raw=False) as sink:
         sink.write(np.zeros(100, dtype=np.float32))
         assert files_in(tmp_path) != {"a.flac"} and not (tmp_path / "a.flac").exists()
     assert files_in(tmp_path) == {"a.flac"}
     with pytest.raises(RuntimeError):
-        with cli.AudioSink(24000, tmp_path / "b.wav", raw=False) as sink:
+        with cli_output.AudioSink(24000, tmp_path / "b.wav", raw=False) as sink:
             sink.write(np.zeros(100, dtype=np.float32))
             raise RuntimeError("boom")
     assert files_in(tmp_path) == {"a.flac"}

@@ -5,27 +5,24 @@ reference voice, checkpoint directory, the text itself): a problem there prints 
 ``error: ...`` and exits with status 2. A failure while loading or synthesising prints one line too
 and exits with status 1 (2 when the input was at fault); ``--debug`` shows the traceback instead.
 Audio goes to a temporary file beside the output, renamed into place only when synthesis succeeded.
+``chatterbox-tts serve ...`` starts the OpenAI-compatible server (``chatterbox.serve``).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import math
-import os
 import sys
 import tempfile
 import textwrap
-import time
-import traceback
-import warnings
 from pathlib import Path
 
-import numpy as np
+from .cli_common import (DEFAULT_OUTPUT, UsageError, _HelpFormatter, _Parser, _finite, _one_line, check_ckpt, check_output,
+                         check_voice, configure_logging, parse_chunk_size, read_text, run_guarded)
+from .cli_output import AudioSink, speak
+from .engine.request import MAX_SEED
 
 log = logging.getLogger("chatterbox.cli")
 
-DEFAULT_OUTPUT = Path("out.wav")
-MAX_SEED = 2**63 - 1
 TOKENS_PER_SECOND = 25  # speech tokens per second of audio
 MAX_NEW_TOKENS_HELP = (
     "most speech tokens per text SEGMENT, not per input (25 tokens = 1 s of audio): long text is cut "
@@ -45,26 +42,6 @@ Without --ckpt or --pretrained the embedded synthetic checkpoint is used: every 
 size, but the output is NOT speech. Exit status: 0 on success, 2 for bad input (options, files,
 text), 1 when loading or synthesis fails.
 """
-
-
-class UsageError(Exception):
-    """Bad input found by the CLI (exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage block
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` to an option's help unless the help already says its default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False)
-                or action.default is argparse.SUPPRESS):
-            return text
-        return f"{text} (default: %(default)s)"
 
 
 def build_parser(prog: str = "chatterbox-tts", description: str | None = None,
@@ -120,108 +97,6 @@ def build_parser(prog: str = "chatterbox-tts", description: str | None = None,
     return ap
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation before the model loads.
-
-
-def read_text(arg: str) -> str:
-    text = sys.stdin.read() if arg == "-" else arg
-    if not text.strip():
-        raise UsageError("no text to speak (empty input)")
-    return text
-
-
-def parse_chunk_size(spec: str) -> int | list[int]:
-    try:
-        sizes = [int(x) for x in str(spec).split(",") if x.strip()]
-    except ValueError:
-        raise UsageError(f"--chunk-size must be positive integers separated by commas, got {spec!r}") from None
-    if not sizes:
-        raise UsageError("--chunk-size is empty")
-    if any(s < 1 for s in sizes):
-        raise UsageError(f"--chunk-size values must be >= 1, got {spec!r}")
-    return sizes[0] if len(sizes) == 1 else sizes
-
-
-def output_format(path: Path) -> tuple[str, str]:
-    """(soundfile format, subtype) for an output path, from its extension."""
-    import soundfile as sf
-
-    ext = path.suffix.lstrip(".").upper()
-    fmt = {"AIF": "AIFF", "OGA": "OGG"}.get(ext, ext)
-    writable = sorted(sf.available_formats())
-    if not fmt or fmt not in writable or fmt == "RAW":
-        raise UsageError(f"cannot tell an audio format from the name {str(path)!r}: use .wav, .flac or .ogg "
-                         "(or --raw for PCM on stdout)")
-    subtype = "PCM_16" if sf.check_format(fmt, "PCM_16") else sf.default_subtype(fmt)
-    return fmt, subtype
-
-
-def check_output(path: Path) -> None:
-    if path.is_dir():
-        raise UsageError(f"output {str(path)!r} is a directory; give a file name such as {path / 'out.wav'}")
-    output_format(path)
-    parent = path.parent
-    if not parent.exists():
-        raise UsageError(f"output directory {str(parent)!r} does not exist")
-    if not parent.is_dir():
-        raise UsageError(f"output directory {str(parent)!r} is not a directory")
-    try:  # the one reliable test (read-only mounts, ACLs): create and remove a file there
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise UsageError(f"cannot write to output directory {str(parent)!r}: {exc.strerror or exc}") from None
-
-
-def check_voice(path: Path) -> None:
-    """The reference recording exists and holds usable audio (read as voice cloning will read it)."""
-    import soundfile as sf
-
-    if not path.exists():
-        raise UsageError(f"--voice file not found: {path}")
-    if not path.is_file():
-        raise UsageError(f"--voice is not a file: {path}")
-    if not os.access(path, os.R_OK):
-        raise UsageError(f"--voice file is not readable: {path}")
-    try:
-        info = sf.info(str(path))
-    except Exception as exc:
-        fmt = path.suffix.lstrip(".").upper()
-        if fmt in sf.available_formats():  # a format libsndfile reads, yet it cannot: not audio
-            raise UsageError(f"--voice {path} is not a readable audio file ({_one_line(exc)})") from None
-        info = None  # maybe a compressed format only the audioread fallback reads; try it below
-    if info is not None and info.frames == 0:
-        raise UsageError(f"--voice {path} holds no audio samples")
-    from .audio import load_reference
-
-    with warnings.catch_warnings():  # librosa's fallback warns at length before it fails
-        warnings.simplefilter("ignore")
-        try:
-            load_reference(path, None, 16000)
-        except ValueError as exc:
-            raise UsageError(f"--voice: {_one_line(exc)}") from None
-
-
-def check_ckpt(args: argparse.Namespace) -> None:
-    from .checkpoint import CONDS_FILE, TOKENIZER_FILE, CheckpointError, find_checkpoint_file
-
-    ckpt = args.ckpt
-    if not ckpt.exists():
-        raise UsageError(f"checkpoint directory not found: --ckpt {ckpt}")
-    if not ckpt.is_dir():
-        raise UsageError(f"--ckpt {ckpt} is not a directory")
-    try:
-        for stem in ("ve", "t3_cfg", "s3gen"):
-            find_checkpoint_file(ckpt, stem)
-    except CheckpointError as exc:
-        raise UsageError(f"checkpoint {_one_line(exc)}") from None
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        raise UsageError(f"checkpoint {ckpt}: {TOKENIZER_FILE} not found")
-    if args.voice is None and not (ckpt / CONDS_FILE).is_file():
-        raise UsageError(f"checkpoint {ckpt} has no built-in voice ({CONDS_FILE}); pass --voice ref.wav")
-
-
 def _early_tokenizer(args: argparse.Namespace):
     """The text tokenizer, when it can be had without loading the model (not for --pretrained)."""
     from .checkpoint import TOKENIZER_FILE
@@ -238,11 +113,6 @@ def _early_tokenizer(args: argparse.Namespace):
 
     with tempfile.TemporaryDirectory() as tmp:
         return EnTokenizer(write_tokenizer_json(Path(tmp) / TOKENIZER_FILE))
-
-
-def _finite(name: str, value: float) -> None:
-    if not math.isfinite(value):
-        raise UsageError(f"{name} must be a finite number, got {value}")
 
 
 def prepare(args: argparse.Namespace) -> str:
@@ -313,7 +183,7 @@ def prepare(args: argparse.Namespace) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading, synthesis, output.
+# Loading and the entry point.
 
 
 def is_synthetic(tts, args: argparse.Namespace) -> bool:
@@ -341,233 +211,6 @@ def load_tts(args: argparse.Namespace):
     elif tts.conds is None:
         raise UsageError("this checkpoint has no built-in voice (conds.pt); pass --voice ref.wav")
     return tts
-
-
-class AudioSink:
-    """Where audio goes: raw PCM on stdout, or an audio file written as chunks arrive.
-
-    The file is written under a temporary name in the output's directory and renamed into place by
-    ``close()``; ``discard()`` (or leaving a ``with`` block by an exception) deletes it, so a failed
-    run never leaves a partial or empty file behind.
-    """
-
-    def __init__(self, sample_rate: int, output: Path | None, raw: bool) -> None:
-        self.raw = raw
-        self.file = None
-        self.tmp: Path | None = None
-        self.samples = 0
-        self.path = None if raw else Path(output or DEFAULT_OUTPUT)
-        if not raw:
-            import soundfile as sf
-
-            fmt, subtype = output_format(self.path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
-            os.close(fd)
-            self.tmp = Path(tmp)
-            try:
-                self.file = sf.SoundFile(tmp, mode="w", samplerate=sample_rate, channels=1, format=fmt,
-                                         subtype=subtype)
-            except BaseException:
-                self.tmp.unlink(missing_ok=True)
-                raise
-
-    def write(self, audio: np.ndarray) -> None:
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        if self.raw:
-            pcm = (np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
-            sys.stdout.buffer.write(pcm.tobytes())
-            sys.stdout.buffer.flush()
-        else:
-            self.file.write(audio)
-        self.samples += audio.shape[0]
-
-    def close(self) -> None:
-        """Finish the file and move it into place."""
-        if self.file is None:
-            return
-        self.file.close()
-        self.file = None
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp made it private; give it an ordinary file's mode
-        os.replace(self.tmp, self.path)
-        self.tmp = None
-
-    def discard(self) -> None:
-        """Drop the unfinished file (nothing is left at the output path)."""
-        if self.file is not None:
-            try:
-                self.file.close()
-            except Exception:  # noqa: BLE001  (the file is deleted anyway)
-                pass
-            self.file = None
-        if self.tmp is not None:
-            self.tmp.unlink(missing_ok=True)
-            self.tmp = None
-
-    def __enter__(self) -> "AudioSink":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.discard()
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class Progress:
-    """Segment i/n and the audio seconds so far, on stderr: a bar redrawn in place when stderr is a
-    terminal, one log line per finished segment otherwise. Silent for a single segment."""
-
-    WIDTH = 24
-
-    def __init__(self, total: int, enabled: bool = True, stream=None) -> None:
-        self.stream = stream or sys.stderr
-        self.total = total
-        self.enabled = enabled and total > 1
-        self.tty = self.enabled and _isatty(self.stream)
-        self.start = time.perf_counter()
-        self.drawn = False
-
-    def update(self, segment: int, audio_seconds: float, finished: bool = False) -> None:
-        """``segment``: the 1-based segment being synthesised (or just finished)."""
-        if not self.enabled:
-            return
-        elapsed = time.perf_counter() - self.start
-        if self.tty:
-            done = segment if finished else segment - 1
-            filled = round(self.WIDTH * done / self.total)
-            bar = "#" * filled + "." * (self.WIDTH - filled)
-            self.stream.write(f"\r[{bar}] segment {segment}/{self.total}, {audio_seconds:.1f} s of audio, "
-                              f"{elapsed:.0f} s elapsed\x1b[K")
-            self.stream.flush()
-            self.drawn = True
-        elif finished:
-            log.info("segment %d/%d done: %.1f s of audio so far, %.1f s elapsed", segment, self.total,
-                     audio_seconds, elapsed)
-
-    def close(self) -> None:
-        if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self.drawn = False
-
-
-def speak(tts, text: str, args: argparse.Namespace, sink, progress: bool | None = None) -> dict:
-    """Synthesise ``text`` into ``sink``, one text segment per call; returns timing figures.
-
-    Each segment is one ``tts.generate`` (or ``generate_stream``) call with the same seed, so the
-    run is repeatable; ``max_new_tokens`` bounds each segment. ``progress``: show segment i/n
-    (default: unless ``--quiet``).
-    """
-    seed = args.seed
-    if seed is None:
-        import torch
-
-        seed = int(torch.randint(0, 2**62, (1,)))
-        log.info("seed %d (pass --seed %d to repeat this run)", seed, seed)
-    common = dict(exaggeration=args.exaggeration, cfg_weight=args.cfg_weight, temperature=args.temperature,
-                  max_new_tokens=args.max_new_tokens, seed=seed,
-                  watermark=False if args.no_watermark else None)
-    segments = tts.text_segments(text)
-    bar = Progress(len(segments), enabled=not args.quiet if progress is None else progress)
-    start = time.perf_counter()
-    samples = 0
-    first_audio = None
-    chunks = []
-    try:
-        for i, segment in enumerate(segments, 1):
-            bar.update(i, samples / tts.sr)
-            if not args.stream:
-                wav = tts.generate(segment, **common)
-                if wav.shape[1]:
-                    sink.write(wav[0].numpy())
-                    samples += wav.shape[1]
-                    first_audio = first_audio or time.perf_counter() - start
-            else:
-                metrics = None
-                for chunk, metrics in tts.generate_stream(segment, chunk_size=parse_chunk_size(args.chunk_size),
-                                                          context_window=args.context_window,
-                                                          print_metrics=False, **common):
-                    sink.write(chunk[0].numpy())
-                    samples += chunk.shape[1]
-                    first_audio = first_audio or time.perf_counter() - start
-                    bar.update(i, samples / tts.sr)
-                for c in (metrics.chunks if metrics is not None else []):
-                    chunks.append((len(chunks), c.tokens, c.samples, c.t3_s, c.flow_s, c.vocoder_s))
-            bar.update(i, samples / tts.sr, finished=True)
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - start
-    duration = samples / tts.sr
-    stats = {"seconds": elapsed, "audio_seconds": duration, "rtf": elapsed / duration if duration else None,
-             "segments": len(segments), "seed": seed}
-    if args.stream:
-        stats["first_audio_s"] = first_audio
-        stats["chunks"] = chunks
-    return stats
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry point.
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) or type(exc).__name__
-
-
-def run_guarded(args: argparse.Namespace, body) -> int:
-    """``body(args)`` with every failure turned into one ``error: ...`` line on stderr, preceded by the
-    traceback with ``--debug``: status 2 for bad input, 1 for failures while loading or synthesising."""
-    debug = getattr(args, "debug", False)
-    try:
-        return body(args)
-    except KeyboardInterrupt:
-        if debug:
-            traceback.print_exc()
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        if debug:
-            traceback.print_exc()
-        print("error: the output pipe was closed", file=sys.stderr)
-        try:  # keep Python from complaining again when it flushes stdout at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except OSError:
-            pass
-        return 1
-    except Exception as exc:  # noqa: BLE001  (one line for the user; --debug adds the traceback)
-        from .checkpoint import CheckpointError
-
-        if isinstance(exc, UsageError):
-            status, message = 2, _one_line(exc)
-        elif isinstance(exc, CheckpointError):
-            status, message = 1, _one_line(exc)
-        elif isinstance(exc, (ValueError, TypeError)):
-            status, message = 2, _one_line(exc)
-        elif isinstance(exc, (RuntimeError, OSError)):
-            status, message = 1, _one_line(exc)
-        else:
-            status, message = 1, f"unexpected {type(exc).__name__}: {_one_line(exc)}"
-        if debug:
-            traceback.print_exc()
-        elif status == 1 and not isinstance(exc, (CheckpointError, OSError)):
-            message += " (--debug shows the traceback)"
-        print(f"error: {message}", file=sys.stderr)
-        return status
-
-
-def configure_logging(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
 
 
 def _synthesise(args: argparse.Namespace) -> int:

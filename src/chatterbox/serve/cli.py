@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _devices(args: argparse.Namespace) -> tuple[str, ...]:
-    from ..cli import UsageError
+    from ..cli_common import UsageError
     from ..loader import resolve_device
 
     if args.device and args.devices:
@@ -104,7 +104,7 @@ def _devices(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _check_voices_dir(path: Path) -> None:
-    from ..cli import UsageError
+    from ..cli_common import UsageError
 
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ def _check_voices_dir(path: Path) -> None:
 
 def _check_ckpt(ckpt: Path) -> None:
     from ..checkpoint import CHECKPOINT_STEMS, TOKENIZER_FILE, CheckpointError, find_checkpoint_file
-    from ..cli import UsageError
+    from ..cli_common import UsageError
 
     if not ckpt.is_dir():
         raise UsageError(f"--ckpt {ckpt} is not a directory")
@@ -132,7 +132,7 @@ def _check_ckpt(ckpt: Path) -> None:
 
 def prepare(args: argparse.Namespace) -> tuple[ServerConfig, ModelSpec]:
     """Everything checked before the model loads; raises ``UsageError`` naming the problem."""
-    from ..cli import UsageError, parse_chunk_size
+    from ..cli_common import UsageError, parse_chunk_size
     from ..optim.config import OptConfig
 
     try:
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the server needs the 'server' extra ({exc.name} is missing): "
               "pip install 'chatterbox-fast[server]'", file=sys.stderr)
         return 2
-    from ..cli import run_guarded
+    from ..cli_common import run_guarded
 
     return run_guarded(args, lambda a: serve(*prepare(a)))
 
