@@ -193,3 +193,22 @@ def test_gpu_tiny_fast_engine_serves_threads_like_solo():
     tts = make_tiny_tts(opt=OptConfig.fast(), device="cuda")
     _assert_concurrent_equals_solo(tts, _jobs(8, 30))
     assert np.all([k[0] != "t3_decode" or True for k in tts.engine.graphs.captured()])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_batched_engine_alone_equals_unbatched_and_serves_eight_threads(fast_synthetic):
+    from chatterbox.engine import EngineConfig
+
+    batched = fast_synthetic.with_opt(OptConfig.parse("fast+t3_batching=1+s3gen_scheduling=1"))
+    job = _jobs(1, 40)[0]
+    # alone, a batched request takes the same bucket-1 graphs: its audio is the unbatched audio
+    assert torch.equal(_run(batched, job), _run(fast_synthetic, job))
+    batched.engine_cfg = EngineConfig(s3gen_batch=4)
+    batched.set_opt(batched.opt)
+    jobs = _jobs(8, 40)
+    together = _concurrent(batched, jobs)
+    solo = [_run(fast_synthetic, j) for j in jobs]
+    for a, b in zip(together, solo):
+        assert torch.isfinite(a).all() and a.shape == b.shape
+    assert batched.engine.t3_batcher.steps > 0 and batched.engine.s3gen_scheduler.batches > 0

@@ -9,7 +9,7 @@ from conftest import random_tiny_t3, run_triton_interpreted
 from chatterbox.models.t3.cond import T3Cond
 from chatterbox.models.t3.fused_decode import FusedDecoder, allocate_stacked_cache, attention_outputs, stacked_view
 from chatterbox.models.t3.llama import KVCache, LlamaConfig, LlamaModel
-from chatterbox.models.t3.t3 import T3, T3Config
+from chatterbox.models.t3.t3 import T3Config
 from chatterbox.opt import OptConfig
 
 # float32 on the CPU: a packed GEMM sums in another order than three separate ones.

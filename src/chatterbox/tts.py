@@ -10,7 +10,6 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from .checkpoint import CONDS_FILE, TOKENIZER_FILE, is_synthetic_checkpoint

@@ -1,8 +1,6 @@
 """embed_ref.safetensors: S3Gen.embed_ref on a 2.02 s, 24 kHz reference (odd mel length)."""
 from __future__ import annotations
 
-import torch
-
 from .runner import Comparison, Fixture, ParityContext, compare
 from .s3gen_loader import load_s3gen
 

@@ -18,7 +18,6 @@ import logging
 import math
 import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

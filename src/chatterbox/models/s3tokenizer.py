@@ -8,7 +8,6 @@ together, dropping half of each overlap on both sides of every seam.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +17,7 @@ from torch import nn
 
 from ..dsp import periodic_hann, slaney_mel_filterbank
 from ..nn.transfer import host_to_device
-from .s3tokenizer_config import S3_HOP, S3_TOKEN_RATE, SPEECH_VOCAB_SIZE, S3TokenizerConfig
+from .s3tokenizer_config import S3_HOP, S3TokenizerConfig
 from .s3tokenizer_encoder import FSQuantizer, S3Encoder
 
 log = logging.getLogger(__name__)
