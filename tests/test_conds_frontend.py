@@ -256,7 +256,8 @@ def test_timer_sees_every_stage_and_changes_nothing(tiny):
 def test_profile_conds_stage_breakdown_on_the_tiny_pipeline(tiny, capsys):
     from eval import profile_conds
 
-    fake = SimpleNamespace(s3gen=tiny.s3gen, ve=tiny.ve, voice_cfg=VoiceConfig(), device=torch.device("cpu"))
+    fake = SimpleNamespace(s3gen=tiny.s3gen, ve=tiny.ve, engine=SimpleNamespace(cfg=SimpleNamespace(voice=VoiceConfig())),
+                           device=torch.device("cpu"))
     wav = synthetic_reference(3.0, SR24, seed=9)
     per_stage, equal, diff = profile_conds.time_stages(fake, wav, SR24, 1, torch.inference_mode)
     assert equal and diff == 0.0

@@ -299,7 +299,7 @@ def test_attention_backend_matches_default(weights, reference_outputs, backend):
 
 
 def test_attention_backend_through_the_engine_matches_default(tiny_results, tokenizer, monkeypatch):
-    import chatterbox.engine.session as session_module
+    import chatterbox.engine.engine as engine_module
 
     pinned = []
 
@@ -307,7 +307,7 @@ def test_attention_backend_through_the_engine_matches_default(tiny_results, toke
         pinned.append(backend)
         return attention_context(backend)
 
-    monkeypatch.setattr(session_module, "attention_context", recording_context)
+    monkeypatch.setattr(engine_module, "attention_context", recording_context)
     tts = make_tts(tokenizer, "reference+attention_backend=math")
     assert tts.engine.opt.attention_backend == "math"
     res = _synth(tts)
