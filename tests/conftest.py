@@ -125,3 +125,15 @@ def random_tiny_t3(seed: int = 0):
     for p in t3.parameters():
         p.data.normal_(0, 0.3)
     return t3.eval().requires_grad_(False)
+
+
+def make_tiny_turbo_tts(opt=None, device: str = "cpu", seed: int = 0):
+    """The Turbo pipeline with tiny synthetic-recipe models (``build_tiny_turbo_models``)."""
+    from chatterbox.loader_turbo import build_tiny_turbo_models
+    from chatterbox.tts_turbo import ChatterboxTurboTTS
+    from chatterbox.voice import synthetic_reference
+
+    m = build_tiny_turbo_models(seed)
+    tts = ChatterboxTurboTTS(m.t3, m.s3gen, m.ve, m.tokenizer, device, opt=opt)
+    tts.prepare_conditionals(synthetic_reference(seconds=6.0), sample_rate=24000)
+    return tts

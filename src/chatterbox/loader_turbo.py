@@ -145,3 +145,18 @@ def download_turbo_checkpoint(nano: bool = False) -> Path:
             f"could not download {repo_id} ({type(exc).__name__}: {exc}). Offline, load a local directory "
             f"holding {t3_stem(nano)}.safetensors, {S3GEN_MEANFLOW_STEM}.safetensors, {VE_STEM}.safetensors and "
             "the tokenizer files, or the synthetic stand-in (not speech)") from exc
+
+
+def build_tiny_turbo_models(seed: int = 0) -> TurboModels:
+    """Every Turbo model small, with synthetic-recipe weights (salt ``seed``), the published vocabularies
+    and mel and the synthetic tokenizer: the Turbo pipeline end to end in seconds, for tests."""
+    from .loader import build_tiny_models
+    from .synthetic import synthetic_module
+
+    base = build_tiny_models(seed)
+    t3 = synthetic_module(T3Turbo(T3TurboConfig.tiny(speaker_embed_size=base.ve.cfg.embed_size)), salt=seed)
+    s3gen = synthetic_module(S3Gen(S3GenConfig.tiny_meanflow()), salt=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = TurboTokenizer(write_turbo_tokenizer_files(tmp))
+    return TurboModels(t3=_finish(t3, torch.device("cpu")), s3gen=_finish(s3gen, torch.device("cpu")), ve=base.ve,
+                       tokenizer=tokenizer)

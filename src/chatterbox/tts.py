@@ -34,6 +34,7 @@ __all__ = ["ChatterboxTTS", "SynthesisResult"]
 class ChatterboxTTS:
     ENC_COND_LEN = 6 * S3_SR
     DEC_COND_LEN = 10 * S3GEN_SR
+    engine_class: type[Engine] = Engine  # the model family's engine (Turbo and Nano have their own)
 
     def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: EnTokenizer,
                  device: str | torch.device, conds: Conditionals | None = None,
@@ -49,8 +50,8 @@ class ChatterboxTTS:
         self.engine_cfg = engine_cfg or EngineConfig.published()
         self._weights = Models(t3=t3, s3gen=s3gen, ve=ve)
         self._lock = threading.Lock()
-        self.engine = Engine.build(self._weights, tokenizer, opt or OptConfig.reference(), self.device,
-                                   self.engine_cfg)
+        self.engine = self.engine_class.build(self._weights, tokenizer, opt or OptConfig.reference(), self.device,
+                                              self.engine_cfg)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -113,7 +114,7 @@ class ChatterboxTTS:
     def set_opt(self, opt: OptConfig) -> None:
         """Switch optimisation settings: a new engine is built from the float32 weights. Requests
         already running finish on the engine they started on."""
-        engine = Engine.build(self._weights, self.tokenizer, opt, self.device, self.engine_cfg)
+        engine = self.engine_class.build(self._weights, self.tokenizer, opt, self.device, self.engine_cfg)
         with self._lock:
             self.engine = engine
 
@@ -122,7 +123,7 @@ class ChatterboxTTS:
         other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._lock = threading.Lock()
-        other.engine = Engine.build(self._weights, self.tokenizer, opt, self.device, self.engine_cfg)
+        other.engine = self.engine_class.build(self._weights, self.tokenizer, opt, self.device, self.engine_cfg)
         return other
 
     # ------------------------------------------------------------------ voice

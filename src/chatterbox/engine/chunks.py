@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,10 +34,11 @@ class ChunkTokens:
         return 0 if self.tokens is None else self.tokens.shape[1]
 
 
-def t3_chunks(blocks: Iterator[torch.Tensor], schedule: Iterator[int], stop_token: int,
-              device: torch.device) -> Iterator[ChunkTokens]:
+def t3_chunks(blocks: Iterator[torch.Tensor], schedule: Iterator[int], stop_token: int, device: torch.device,
+              codes: Callable[[torch.Tensor | None, bool], torch.Tensor] | None = None) -> Iterator[ChunkTokens]:
     """Chunks of ``schedule`` sizes from T3's blocks (1, <= block) of one segment; the last has
-    ``final=True`` (T3 hit ``stop_token`` or ran out of steps)."""
+    ``final=True`` (T3 hit ``stop_token`` or ran out of steps). ``codes(tokens, final)`` turns a chunk's
+    tokens into the codes S3Gen renders (default: ``drop_invalid_tokens``)."""
     pending: list[torch.Tensor] = []
     done = False
     while not done:
@@ -54,7 +55,10 @@ def t3_chunks(blocks: Iterator[torch.Tensor], schedule: Iterator[int], stop_toke
         tokens = arrived[:, :n] if arrived is not None else None
         pending = [arrived[:, n:]] if arrived is not None and arrived.shape[1] > n else []
         done = done or (tokens is not None and bool((tokens == stop_token).any()))
-        valid = drop_invalid_tokens(tokens) if tokens is not None else torch.zeros(0, dtype=torch.long, device=device)
+        if codes is not None:
+            valid = codes(tokens, done)
+        else:
+            valid = drop_invalid_tokens(tokens) if tokens is not None else torch.zeros(0, dtype=torch.long, device=device)
         yield ChunkTokens(tokens=tokens, valid=valid, final=done, t3_s=time.perf_counter() - t0)
 
 

@@ -30,7 +30,7 @@ from ..optim.components import component_specs
 from ..optim.config import OptConfig
 from ..optim.modes import attention_context, autograd_context
 from ..streaming import StreamingMetrics
-from ..text import EnTokenizer, TextSplitConfig, check_encodable, punc_norm, split_text
+from ..text import EnTokenizer, TextSplitConfig, check_encodable, drop_invalid_tokens, punc_norm, split_text
 from ..voice import VoiceConfig, prepare_conditionals
 from ..watermark import Watermarker, watermark_available
 from .graph_modules import BucketedEstimator, GraphedForward
@@ -93,7 +93,7 @@ class Engine:
         self.t3_runner = self._t3_runner()
         self.t3_batcher = (T3Batcher(self.t3_runner, opt.stop_check_every)
                            if opt.t3_batching and isinstance(self.t3_runner, GraphedT3Runner) else None)
-        self.s3gen_scheduler = (S3GenScheduler(self.context, opt.cfm_steps, self.cfg.s3gen_batch)
+        self.s3gen_scheduler = (S3GenScheduler(self.context, self.cfm_steps, self.cfg.s3gen_batch)
                                 if opt.s3gen_scheduling else None)
         self._watermarker: Watermarker | None = None
         self._watermark_lock = threading.Lock()
@@ -206,6 +206,26 @@ class Engine:
         ids = F.pad(ids, (1, 0), value=t3.cfg.start_text_token)
         ids = F.pad(ids, (0, 1), value=t3.cfg.stop_text_token)
         return torch.cat([ids, ids], dim=0).long()
+
+    # ------------------------------------------------------------------ model family
+    # What differs between the original model and its descendants (engine/turbo.py overrides these).
+    @property
+    def cfm_steps(self) -> int | None:
+        """Euler steps of the flow's CFM (``OptConfig.cfm_steps``; None: the CFM's own)."""
+        return self.opt.cfm_steps
+
+    def t3_sampling(self, request: SynthesisRequest):
+        return request.sampling()
+
+    def valid_tokens(self, speech: torch.Tensor) -> torch.Tensor:
+        """A segment's T3 tokens (1, N) -> the codes S3Gen renders (M,)."""
+        return drop_invalid_tokens(speech[0])
+
+    def chunk_codes(self, tokens: torch.Tensor | None, final: bool) -> torch.Tensor:
+        """A streamed chunk's T3 tokens (1, n) (None: none arrived) -> the codes S3Gen renders (M,)."""
+        if tokens is None:
+            return torch.zeros(0, dtype=torch.long, device=self.device)
+        return drop_invalid_tokens(tokens)
 
     # ------------------------------------------------------------------ requests
     def cfm_noise(self, generator: torch.Generator) -> torch.Tensor:

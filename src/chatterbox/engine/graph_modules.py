@@ -61,16 +61,18 @@ class BucketedEstimator(_Delegating):
     def padded_length(self, frames: int) -> int:
         return self.bucket_frames * math.ceil(frames / self.bucket_frames)
 
-    def forward(self, x: Tensor, mask: Tensor | None, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor,
+                r: Tensor | None = None) -> Tensor:
         if self._eager(x):
-            return self.inner(x, mask, mu, t, spks, cond)
+            return self.inner(x, mask, mu, t, spks, cond) if r is None else self.inner(x, mask, mu, t, spks, cond, r)
         batch, _, frames = x.shape  # (B, n_feats, T)
         pad = self.padded_length(frames) - frames
         if mask is None:
             mask = x.new_ones(batch, 1, frames)
         x, mask, mu, cond = (F.pad(v, (0, pad)) for v in (x, mask, mu, cond))  # mask pads 0: frames ignored
-        key = (self.graph_name, tuple(x.shape), x.dtype, t.dtype)
+        key = (self.graph_name, tuple(x.shape), x.dtype, t.dtype, r is not None)
+        args = (x, mask, mu, t, spks, cond) if r is None else (x, mask, mu, t, spks, cond, r)
         with self.graphs.lock:
             graph = self.graphs.get(key, self.inner, clone_outputs=False)
             # sliced and copied under the lock: the static output is overwritten by the next replay
-            return graph(x, mask, mu, t, spks, cond)[..., :frames].clone()
+            return graph(*args)[..., :frames].clone()

@@ -30,6 +30,7 @@ class SynthesisRequest:
     repetition_penalty: float = 1.2
     min_p: float = 0.05
     top_p: float = 1.0
+    top_k: int = 1000  # Chatterbox-Turbo's top-k (the original model has none)
     max_new_tokens: int = 1000
     seed: int | None = None
     watermark: bool | None = None
@@ -43,6 +44,8 @@ class SynthesisRequest:
             raise TypeError(f"text must be a str, got {type(self.text).__name__}")
         if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, (int, np.integer)) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed <= MAX_SEED):
             raise ValueError(f"seed must be an int in [0, {MAX_SEED}], got {self.seed!r}")

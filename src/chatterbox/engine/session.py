@@ -18,7 +18,6 @@ import torch
 from ..conditionals import Conditionals
 from ..models.s3gen.hift_stream import StreamNoise
 from ..streaming import ChunkTiming, StreamingMetrics, chunk_schedule
-from ..text import drop_invalid_tokens
 from ..timing import StageTimer
 from .chunks import SegmentRenderer, t3_chunks
 from .request import SynthesisRequest
@@ -60,7 +59,7 @@ class Session:
         self.noise_gen = torch.Generator().manual_seed(self.seed)
         self.conds = conds if conds.exaggeration() == float(request.exaggeration) \
             else conds.with_exaggeration(request.exaggeration)
-        self.sampling = request.sampling()
+        self.sampling = engine.t3_sampling(request)
 
     def _context(self) -> contextlib.ExitStack:
         return self.engine.context()
@@ -89,14 +88,13 @@ class Session:
                     stream = self._t3(segment)
                     speech = torch.cat(list(stream.blocks()), dim=1)
                 generated.append(speech.shape[1])
-                tokens = drop_invalid_tokens(speech[0])
+                tokens = eng.valid_tokens(speech)
                 tokens_out.append(tokens)
                 if tokens.numel() == 0:
                     log.warning("T3 produced no renderable speech tokens for %r; segment skipped", segment)
                     continue
                 with timer.stage("flow"):
-                    mel = s3gen.flow_inference(tokens, self.conds.gen, cfm_noise=cfm_noise,
-                                               n_timesteps=eng.opt.cfm_steps)
+                    mel = s3gen.flow_inference(tokens, self.conds.gen, cfm_noise=cfm_noise, n_timesteps=eng.cfm_steps)
                 with timer.stage("hift"):
                     wav, _ = s3gen.hift_inference(mel, generator=self.vocoder_gen)
                     wavs.append(s3gen.apply_trim_fade(wav))
@@ -126,9 +124,10 @@ class Session:
             with self._context():
                 stream = self._t3(segment)
                 renderer = SegmentRenderer(eng.models.s3gen, self.conds.gen, eng.streamer, cfm_noise, flow_cfg,
-                                           eng.opt.cfm_steps, StreamNoise.drawn(self.vocoder_gen))
+                                           eng.cfm_steps, StreamNoise.drawn(self.vocoder_gen))
             blocks = stream.blocks()
-            chunks = t3_chunks(_in_context(blocks, self._context), schedule, eng.t3_stop_token, eng.device)
+            chunks = t3_chunks(_in_context(blocks, self._context), schedule, eng.t3_stop_token, eng.device,
+                               eng.chunk_codes)
             try:
                 for chunk in chunks:
                     timer = StageTimer(eng.device)

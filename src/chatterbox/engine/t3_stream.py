@@ -19,7 +19,7 @@ class T3Stream:
     request's slot and KV cache back."""
 
     def __init__(self, produce: Produce, steps: int, block_size: int, stop_token: int, device: torch.device,
-                 keep: tuple = (), on_close: Callable[[], None] | None = None) -> None:
+                 keep: tuple = (), on_close: Callable[[], None] | None = None, first_may_stop: bool = True) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.steps, self.block_size, self.stop_token = steps, block_size, stop_token
@@ -27,6 +27,7 @@ class T3Stream:
         self._keep = keep  # the request's KV cache: alive until the stream closes
         self._on_close = on_close
         self._lagged = torch.device(device).type == "cuda"
+        self._first_may_stop = first_may_stop  # False: the first token is never read as a stop (Turbo)
         self.closed = False
 
     def close(self) -> None:
@@ -37,20 +38,24 @@ class T3Stream:
         if self._on_close is not None:
             self._on_close()
 
-    def _blocks(self) -> Iterator[Tensor]:
+    def _blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """(block, its stop mask) pairs."""
         for start in range(0, self.steps, self.block_size):
             block = self._produce(start, min(self.block_size, self.steps - start))
             if block.shape[1] == 0:
                 return
-            yield block
+            hit = block[0] == self.stop_token
+            if start == 0 and not self._first_may_stop:
+                hit[0] = False
+            yield block, hit
 
     def blocks(self) -> Iterator[Tensor]:
         try:
             if self._lagged:
                 yield from self._lagged_blocks()
             else:
-                for block in self._blocks():
-                    stops = (block[0] == self.stop_token).nonzero()  # the per-block host read
+                for block, hit in self._blocks():
+                    stops = hit.nonzero()  # the per-block host read
                     if stops.numel():
                         yield block[:, :int(stops[0, 0]) + 1]
                         return
@@ -60,8 +65,7 @@ class T3Stream:
 
     def _lagged_blocks(self) -> Iterator[Tensor]:
         pending: tuple[Tensor, Tensor, torch.cuda.Event] | None = None
-        for block in self._blocks():
-            hit = block[0] == self.stop_token
+        for block, hit in self._blocks():
             first = torch.where(hit.any(), hit.int().argmax(), -1)
             host = torch.empty((), dtype=torch.long, pin_memory=True)
             host.copy_(first, non_blocking=True)

@@ -7,6 +7,7 @@ checkpoint's key prefixes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Callable, ContextManager
@@ -59,6 +60,14 @@ class S3GenConfig:
         """``s3gen_meanflow.safetensors`` (Chatterbox-Turbo): the published S3Gen whose flow samples with
         the 2-step meanflow estimator (one extra key, ``flow.decoder.estimator.time_embed_mixer.weight``)."""
         return cls(flow=FlowConfig(cfm=CFMConfig.published_meanflow()))
+
+    @classmethod
+    def tiny_meanflow(cls) -> "S3GenConfig":
+        """``tiny`` with a meanflow estimator (2 linear steps, no guidance): Turbo's S3Gen in miniature."""
+        tiny = cls.tiny()
+        cfm = CFMConfig(n_timesteps=2, t_scheduler="linear",
+                        estimator=dataclasses.replace(tiny.flow.cfm.estimator, meanflow=True))
+        return dataclasses.replace(tiny, flow=dataclasses.replace(tiny.flow, cfm=cfm))
 
     @classmethod
     def tiny(cls) -> "S3GenConfig":
