@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from ...nn.norm import rms_norm
 from ...nn.rotary import apply_rotary
+from .cached_stack import CachedStack
+from .kv_cache import KVCache
 
 # Supported rotary variants: plain RoPE, and HF's "llama3" frequency rescaling.
 ROPE_LLAMA3 = "llama3"
@@ -76,34 +78,6 @@ class LlamaConfig:
             rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
             rope_original_max_positions=64, max_position_embeddings=1024, vocab_size=8,
         )
-
-
-@dataclass
-class KVCache:
-    """Static key/value cache, allocated once at full length and written by position.
-
-    ``k``/``v``: (layers, B, kv_heads, max_len, head_dim). Zero-initialised, so masked (unwritten)
-    slots never feed NaN/inf into attention.
-    """
-
-    k: Tensor
-    v: Tensor
-
-    @classmethod
-    def allocate(cls, cfg: LlamaConfig, batch: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype) -> "KVCache":
-        if max_len < 1 or max_len > cfg.max_position_embeddings:
-            raise ValueError(f"cache length {max_len} outside 1..{cfg.max_position_embeddings}")
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    @property
-    def batch(self) -> int:
-        return self.k.shape[1]
 
 
 def rope_inv_freq(cfg: LlamaConfig, device: torch.device | str | None = None) -> Tensor:
@@ -214,8 +188,9 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class LlamaModel(nn.Module):
-    """Decoder stack + final RMSNorm; returns the normalised last hidden states (B, S, C)."""
+class LlamaModel(CachedStack):
+    """Decoder stack + final RMSNorm; returns the normalised last hidden states (B, S, C)
+    (``forward`` and ``decode`` over a static cache: ``CachedStack``)."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -223,11 +198,6 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def _check_cache(self, embeds: Tensor, cache: KVCache) -> None:
-        if cache.k.shape[0] != self.cfg.num_layers or cache.batch != embeds.shape[0]:
-            raise ValueError(f"cache for {cache.k.shape[0]} layers x batch {cache.batch} does not fit "
-                             f"{self.cfg.num_layers} layers x batch {embeds.shape[0]}")
 
     def _run(self, embeds: Tensor, positions: Tensor, cache: KVCache | None, attend_cache: bool,
              attn_mask: Tensor | None) -> Tensor:
@@ -237,24 +207,3 @@ class LlamaModel(nn.Module):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             h = layer(h, cos, sin, positions, cache_kv, attend_cache, attn_mask)
         return self.norm(h)
-
-    def forward(self, embeds: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Causal pass over ``embeds`` (B, S, C) at positions 0..S-1; fills ``cache[:, :, :, :S]`` if given."""
-        s = embeds.shape[1]
-        if cache is not None:
-            self._check_cache(embeds, cache)
-            if s > cache.max_len:
-                raise ValueError(f"{s} positions do not fit a cache of length {cache.max_len}")
-        positions = torch.arange(s, device=embeds.device)
-        return self._run(embeds, positions, cache, attend_cache=False, attn_mask=None)
-
-    def decode(self, embeds: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-        """``embeds`` (B, S, C) at integer ``positions`` (S,) (a device tensor), over the full cache.
-
-        Each query sees the cache slots up to and including its own position; the caller guarantees
-        that the slots before ``positions`` hold this generation's keys/values.
-        """
-        self._check_cache(embeds, cache)
-        slots = torch.arange(cache.max_len, device=embeds.device)
-        attn_mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, S, max_len)
-        return self._run(embeds, positions, cache, attend_cache=True, attn_mask=attn_mask)

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..t3.llama import KVCache
+from ..t3.cached_stack import CachedStack
+from ..t3.kv_cache import KVCache
 
 # tanh approximation of GELU ("gelu_new" in HF): 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
 _GELU_CUBIC = 0.044715
@@ -149,7 +150,7 @@ class GPT2Block(nn.Module):
         return h + self.mlp(self.ln_2(h))
 
 
-class GPT2Model(nn.Module):
+class GPT2Model(CachedStack):
     """Position table + blocks + final LayerNorm; returns the normalised last hidden states (B, S, C).
 
     The published checkpoints also hold a token table ``wte``; inputs are always embeddings, so it is
@@ -167,10 +168,8 @@ class GPT2Model(nn.Module):
         """A zeroed static cache of ``max_len`` positions (at most the position table's length)."""
         return KVCache.allocate(self.cfg, batch, max_len, device, dtype)
 
-    def _check_cache(self, embeds: Tensor, cache: KVCache) -> None:
-        if cache.k.shape[0] != self.cfg.num_layers or cache.batch != embeds.shape[0]:
-            raise ValueError(f"cache for {cache.k.shape[0]} layers x batch {cache.batch} does not fit "
-                             f"{self.cfg.num_layers} layers x batch {embeds.shape[0]}")
+    def position_limit(self) -> int:
+        return self.cfg.max_position_embeddings
 
     def _run(self, embeds: Tensor, positions: Tensor, cache: KVCache | None, attend_cache: bool,
              attn_mask: Tensor | None) -> Tensor:
@@ -179,26 +178,3 @@ class GPT2Model(nn.Module):
             cache_kv = None if cache is None else (cache.k[i], cache.v[i])
             h = block(h, positions, cache_kv, attend_cache, attn_mask)
         return self.ln_f(h)
-
-    def forward(self, embeds: Tensor, cache: KVCache | None = None) -> Tensor:
-        """Causal pass over ``embeds`` (B, S, C) at positions 0..S-1; fills ``cache[..., :S, :]`` if given."""
-        s = embeds.shape[1]
-        if s > self.cfg.max_position_embeddings:
-            raise ValueError(f"{s} positions exceed the position table ({self.cfg.max_position_embeddings})")
-        if cache is not None:
-            self._check_cache(embeds, cache)
-            if s > cache.max_len:
-                raise ValueError(f"{s} positions do not fit a cache of length {cache.max_len}")
-        positions = torch.arange(s, device=embeds.device)
-        return self._run(embeds, positions, cache, attend_cache=False, attn_mask=None)
-
-    def decode(self, embeds: Tensor, positions: Tensor, cache: KVCache) -> Tensor:
-        """``embeds`` (B, S, C) at integer ``positions`` (S,) (a device tensor), over the full cache.
-
-        Each query sees the cache slots up to and including its own position; the caller guarantees
-        that the slots before ``positions`` hold this generation's keys/values.
-        """
-        self._check_cache(embeds, cache)
-        slots = torch.arange(cache.max_len, device=embeds.device)
-        attn_mask = (slots[None, :] <= positions[:, None])[None, None]  # (1, 1, S, max_len)
-        return self._run(embeds, positions, cache, attend_cache=True, attn_mask=attn_mask)
