@@ -30,8 +30,9 @@ _PUNCTUATION_REWRITES = (
 _SENTENCE_ENDINGS = (".", "!", "?", "-", ",")
 
 
-def punc_norm(text: str) -> str:
-    """Normalise punctuation the way the published model saw it in training.
+def punc_norm(text: str, rewrites: tuple[tuple[str, str], ...] = _PUNCTUATION_REWRITES) -> str:
+    """Normalise punctuation the way the published model saw it in training (``rewrites``: the model
+    family's list of replacements, in order).
 
     Kept faithful to upstream, quirks included: the first character is capitalised before
     whitespace is collapsed, so text with leading spaces keeps a lower-case first letter.
@@ -41,7 +42,7 @@ def punc_norm(text: str) -> str:
     if text[0].islower():
         text = text[0].upper() + text[1:]
     text = " ".join(text.split())
-    for old, new in _PUNCTUATION_REWRITES:
+    for old, new in rewrites:
         text = text.replace(old, new)
     text = text.rstrip(" ")
     if not text.endswith(_SENTENCE_ENDINGS):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .text import EMPTY_TEXT_SUBSTITUTE, _SENTENCE_ENDINGS
+from .text import punc_norm
 
 # Turbo's clean-up rewrites fewer sequences than the original's: no "...", " - " or ";" rules.
 _TURBO_PUNCTUATION_REWRITES = (
@@ -45,17 +45,7 @@ END_OF_TEXT = "<|endoftext|>"
 def punc_norm_turbo(text: str) -> str:
     """``tts_turbo.punc_norm``: as the original's (capitalise, collapse whitespace, end with
     punctuation) with Turbo's shorter list of rewrites."""
-    if not text:
-        return EMPTY_TEXT_SUBSTITUTE
-    if text[0].islower():
-        text = text[0].upper() + text[1:]
-    text = " ".join(text.split())
-    for old, new in _TURBO_PUNCTUATION_REWRITES:
-        text = text.replace(old, new)
-    text = text.rstrip(" ")
-    if not text.endswith(_SENTENCE_ENDINGS):
-        text = text + "."
-    return text
+    return punc_norm(text, _TURBO_PUNCTUATION_REWRITES)
 
 
 def _read_json(path: Path) -> dict:
