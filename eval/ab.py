@@ -3,6 +3,13 @@
     python -m eval.ab --device cuda --configs reference,fast,reference+t3.dtype=bfloat16 \\
         [--text-set short,long] [--reps N] [--out eval/results/NAME] [--ckpt DIR] [--upstream PATH]
     python -m eval.ab --quick          # CPU smoke run: tiny token budget, one rep
+    python -m eval.ab --model turbo --device cuda --configs reference,fast --upstream /tmp/upvenv
+
+``--model`` picks the family (original, turbo, nano); the JSON's ``model`` field records it.
+``--upstream`` is an upstream chatterbox(-streaming) checkout for the original model; for Turbo and
+Nano it is the side environment with PyPI ``chatterbox-tts==0.1.7`` (a virtual environment or its
+interpreter, ``docs/turbo_parity.md``): both sides then load the same synthetic checkpoint directory
+and voice, and upstream's ``generate`` (no streaming API there) is timed per text set and round.
 
 Phases: (1) fidelity, once per configuration, reference first: ``synthesize`` under the fixed
 seed (its tokens against the reference's; the raw ids, invalid ones included, from the engine's T3
@@ -41,6 +48,7 @@ log = logging.getLogger("eval.ab")
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = "chatterbox-fast/ab/1"
+FAMILIES = ("original", "turbo", "nano")
 QUICK_CONFIGS = "reference,reference+autograd_mode=no_grad"
 QUICK_CHUNK_SIZE = 4
 
@@ -242,6 +250,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m eval.ab", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available; cpu with --quick)")
+    ap.add_argument("--model", default="original", choices=FAMILIES, help="model family (default original)")
     ap.add_argument("--configs", default=None, help="comma-separated OptConfig specs (reference is always run)")
     ap.add_argument("--text-set", default=None, help=f"comma-separated text sets: {', '.join(TEXT_SETS)}")
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
@@ -258,7 +267,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="output stem (default eval/results/ab-DEVICE-TIME)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="CPU smoke run (CI)")
-    ap.add_argument("--upstream", type=Path, default=None, help="upstream chatterbox-streaming checkout")
+    ap.add_argument("--upstream", type=Path, default=None,
+                    help="upstream chatterbox-streaming checkout; for turbo/nano, the side environment with "
+                         "chatterbox-tts==0.1.7 (its directory or interpreter)")
     ap.add_argument("--upstream-ckpt", type=Path, default=None, help="dir with ve.pt/t3_cfg.pt/s3gen.pt for upstream")
     ap.add_argument("--upstream-python", default=None, help="interpreter with upstream's packages")
     ap.add_argument("--upstream-pythonpath", default=None,
@@ -287,16 +298,16 @@ def _csv(text: str) -> list[str]:
 
 
 def load_tts(args, device: torch.device):
-    from chatterbox.tts import ChatterboxTTS
+    from chatterbox import family
 
     t0 = time.perf_counter()
+    tts = family.load(args.model, device, ckpt=args.ckpt, salt=args.salt)
     if args.ckpt is not None:
-        tts = ChatterboxTTS.from_local(args.ckpt, device)
         ck = {"kind": "local", "path": str(args.ckpt.resolve()),
               "synthetic": (args.ckpt / "SYNTHETIC.txt").is_file()}
     else:
-        tts = ChatterboxTTS.from_synthetic(device, salt=args.salt)
         ck = {"kind": "synthetic", "salt": args.salt, "synthetic": True}
+    ck["model"] = args.model
     if tts.conds is None:
         wav, sr = reference_audio(args.ref_wav)
         tts.prepare_conditionals(wav, sample_rate=sr)
@@ -324,11 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     cases = text_cases(args.text_set, args.max_new_tokens)
     configs, skipped = resolve_configs(args.configs)
+    turbo_upstream = args.upstream is not None and args.model != "original"
+    if turbo_upstream and args.ckpt is None:
+        from .upstream_turbo import checkpoint_dir
+
+        args.ckpt = checkpoint_dir(args.salt)  # upstream reads files: both sides load these
     tts, checkpoint = load_tts(args, device)
+    # the audio our voice was made from (None: the checkpoint's built-in voice), for upstream's voice
+    voice_audio = reference_audio(args.ref_wav) if "voice" in checkpoint else None
     if args.quick:
-        wav, sr = reference_audio(None, seconds=QUICK_VOICE_SECONDS)
-        tts.prepare_conditionals(wav, sample_rate=sr)
-        checkpoint["voice"] = f"quick: made from {QUICK_VOICE_SECONDS:g} s of the synthetic reference"
+        seconds = quick_voice_seconds(args.model)
+        voice_audio = reference_audio(None, seconds=seconds)
+        tts.prepare_conditionals(voice_audio[0], sample_rate=voice_audio[1])
+        checkpoint["voice"] = f"quick: made from {seconds:g} s of the synthetic reference"
     for case in cases:
         stages.single_segment(tts, case)
     ref_audio = reference_audio(args.ref_wav)
@@ -340,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n, _ in configs if n not in {f["name"] for f in failed}]
     result = {
         "schema": SCHEMA,
+        "model": args.model,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python -m eval.ab", *(argv if argv is not None else sys.argv[1:])]),
         "env": environment(device, args.commit),
@@ -358,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint.get("synthetic"):
         notes.append("synthetic weights: the output is not speech; every generation runs to max_new_tokens "
                       "unless the stop token is sampled, and ids >= 6561 are generated but not rendered")
-    if args.upstream is not None:
+    if turbo_upstream:
+        result["upstream"] = turbo_upstream_block(args, cases, voice_audio, result)
+    elif args.upstream is not None:
         result["upstream"] = upstream_block(args, cases, ref_audio, result)
     result["summary"] = report.summarize(result)
     write_outputs(result, out_stem(args, device), plots=not args.no_plots)
@@ -389,6 +411,53 @@ def upstream_block(args, cases, ref_audio, result: dict) -> dict:
         result["configs"].append({"name": report.UPSTREAM, "opt": None, "upstream": str(args.upstream)})
     log.info("upstream: %s %s", up.get("status"), up.get("reason", ""))
     return up
+
+
+def quick_voice_seconds(model: str) -> float:
+    """--quick's voice length: short, but past Turbo's and Nano's 5 s minimum."""
+    from chatterbox.family import min_reference_seconds
+
+    shortest = min_reference_seconds(model)
+    return QUICK_VOICE_SECONDS if shortest is None else max(QUICK_VOICE_SECONDS, shortest + 1.0)
+
+
+def turbo_upstream_block(args, cases, voice_audio, result: dict) -> dict:
+    """Upstream Turbo/Nano (PyPI 0.1.7, ``eval/upstream_turbo.py``) on the same checkpoint directory,
+    voice (made from ``voice_audio`` (samples, rate) by its own front end, or the directory's built-in
+    ``conds.pt`` when None), texts, token budgets and seed: its ``generate`` once per text set per
+    round (after the warm-up rounds), as ``synth`` samples of the ``upstream`` config (T3 and S3Gen
+    stages)."""
+    import tempfile
+
+    from .upstream_turbo import UpstreamTurbo, upstream_python, write_reference
+
+    python = upstream_python(args.upstream_python or args.upstream)
+    if python is None:
+        return {"status": "skipped", "reason": f"no interpreter at {args.upstream} (or {args.upstream}/bin/python)"}
+    samples = []
+    with tempfile.TemporaryDirectory(prefix="ab_upstream_") as tmp:
+        reference = None if voice_audio is None else write_reference(Path(tmp) / "reference.wav", *voice_audio)
+        try:
+            with UpstreamTurbo(python, args.ckpt, args.model, reference, args.threads, device=args.device) as up:
+                info = dict(up.ready)
+                for rep in [-1] * args.warmup + list(range(args.reps)):
+                    for case in cases:
+                        out = up.generate(case.text, case.max_new_tokens, args.seed)
+                        if rep >= 0:
+                            samples.append({"kind": "synth", "config": report.UPSTREAM, "rep": rep, "text": case.name,
+                                            "total_s": out["total_s"], "audio_s": out["audio_s"],
+                                            "t3_tokens": out["t3_tokens"], "t3_tokens_exact": True,
+                                            "stages": {"t3": out["t3_s"], "s3gen": out["s3gen_s"]}})
+        except RuntimeError as exc:
+            log.warning("upstream: %s", exc)
+            return {"status": "failed", "reason": str(exc)}
+    result["samples"] += samples
+    result["configs"].append({"name": report.UPSTREAM, "opt": None, "upstream": f"chatterbox-tts "
+                              f"{info['versions']['chatterbox-tts']} ({python})"})
+    info["path"] = str(args.upstream)
+    info["note"] = ("upstream runs its generate steps with T3.inference_turbo's max_gen_len as the token budget, "
+                    "without the watermark; Turbo and Nano have no streaming API upstream")
+    return info
 
 
 def write_outputs(result: dict, stem: Path, plots: bool = True) -> dict[str, Path]:

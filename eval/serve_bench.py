@@ -4,6 +4,7 @@
         --streams 1,8,16,32,64,128,256 [--s3gen-batch 8] [--rate 4 --duration 60] --out eval/results/NAME
     python -m eval.serve_bench --http http://127.0.0.1:8000 --streams 1,32 --out eval/results/NAME-http
     python -m eval.serve_bench --quick        # CPU smoke: the tiny pipeline, 1 and 2 streams
+    python -m eval.serve_bench --model turbo --device cuda --opt fast --streams 1,64,256   # Chatterbox-Turbo
 
 Closed loop (``--streams``): N callers at once, each sending ``--requests`` requests one after another.
 Open loop (``--rate``): Poisson arrivals for ``--duration`` seconds. Every request is realistic for a
@@ -41,6 +42,8 @@ TEXTS = [
     "I did not catch that. Could you say the last four digits of the number again, please?",
 ]
 AUDIO_SECONDS = (5.0, 20.0)
+# --quick: the tiny models' position tables are short (Turbo's: 512 with a 251-position prompt).
+QUICK_MAX_NEW_TOKENS = 100
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -53,24 +56,25 @@ def make_requests(n: int, seed: int) -> list[dict]:
             for _ in range(n)]
 
 
-def run_inprocess(tts, req: dict, chunk_size, clock=time.perf_counter) -> dict:
+def run_inprocess(tts, req: dict, chunk_size, clock=time.perf_counter, max_new_tokens: int | None = None) -> dict:
     play = Playback(requested_at=clock())
     t0 = clock()
+    tokens = max(1, round(req["seconds"] * TOKENS_PER_SECOND))
     stream = tts.generate_stream(req["text"], seed=req["seed"], chunk_size=chunk_size, print_metrics=False,
-                                 max_new_tokens=max(1, round(req["seconds"] * TOKENS_PER_SECOND)), watermark=False)
+                                 max_new_tokens=min(tokens, max_new_tokens or tokens), watermark=False)
     for chunk, _ in stream:
         play.arrive(clock(), chunk.shape[1] / tts.sr)
     total = clock() - t0
     return _record(play, total)
 
 
-def run_http(url: str, req: dict, api_key: str | None, clock=time.perf_counter) -> dict:
+def run_http(url: str, req: dict, api_key: str | None, clock=time.perf_counter, model: str = "chatterbox") -> dict:
     import httpx
 
     sr, bytes_per_sample = 24000, 2
     play = Playback(requested_at=clock())
     t0 = clock()
-    body = {"model": "chatterbox", "input": req["text"], "voice": "default", "response_format": "pcm",
+    body = {"model": model, "input": req["text"], "voice": "default", "response_format": "pcm",
             "seed": req["seed"], "max_new_tokens": max(1, round(req["seconds"] * TOKENS_PER_SECOND))}
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=url, timeout=600) as client:
@@ -158,7 +162,7 @@ def capacity(rows: dict, ttfa_budget_s: float) -> int | None:
 def write(result: dict, stem: Path) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    lines = [f"# serve bench: {result['mode']}, {result.get('opt')}", "",
+    lines = [f"# serve bench: {result.get('model', 'original')}, {result['mode']}, {result.get('opt')}", "",
              f"capacity (zero underruns, p95 TTFA <= {result['ttfa_budget_s'] * 1000:.0f} ms): "
              f"{result['capacity']}", "",
              "| streams | requests | TTFA p50 / p95 / p99 (ms) | underruns (s) | audio s / wall s | RTF p50 / p95 | "
@@ -199,6 +203,8 @@ def write(result: dict, stem: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--model", default="original", choices=("original", "turbo", "nano"),
+                    help="model family (over --http: the server's model of that family)")
     ap.add_argument("--opt", default="fast")
     ap.add_argument("--s3gen-batch", type=int, default=1, help="EngineConfig.s3gen_batch")
     ap.add_argument("--streams", default="1,8,16,32,64,128,256")
@@ -222,10 +228,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.quick else args.device)
     tts = None
     if args.http:
-        run_one = lambda req: run_http(args.http, req, args.api_key)  # noqa: E731
+        from chatterbox.serve.config import ServerConfig
+
+        name = ServerConfig.published().family_model_name(args.model)
+        run_one = lambda req: run_http(args.http, req, args.api_key, model=name)  # noqa: E731
     else:
         tts = _load(args, device)
-        run_one = lambda req: run_inprocess(tts, req, chunk_size)  # noqa: E731
+        cap = QUICK_MAX_NEW_TOKENS if args.quick else None
+        run_one = lambda req: run_inprocess(tts, req, chunk_size, max_new_tokens=cap)  # noqa: E731
         run_one(make_requests(1, args.seed + 1)[0])  # warm: graphs, compiled code, allocator
     streams = [1, 2] if args.quick else [int(n) for n in args.streams.split(",")]
     rows = {}
@@ -236,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         rows[str(n)] = summarize(results, wall, device)
         log.info("%d streams: %s", n, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[str(n)].items()})
     opt = "reference" if args.quick else args.opt
-    result = {"schema": SCHEMA, "mode": "http" if args.http else "in-process", "opt": opt,
+    result = {"schema": SCHEMA, "model": args.model, "mode": "http" if args.http else "in-process", "opt": opt,
               "s3gen_batch": args.s3gen_batch, "env": environment(device, args.commit), "chunk_size": chunk_size,
               "ttfa_budget_s": args.ttfa_budget, "rows": rows, "capacity": capacity(rows, args.ttfa_budget)}
     if args.rate:
@@ -248,28 +258,44 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, device: torch.device):
-    from chatterbox import ChatterboxTTS, OptConfig
+    from chatterbox import OptConfig, family
     from chatterbox.engine import EngineConfig
 
     opt = OptConfig.parse("reference" if args.quick else args.opt)
     cfg = EngineConfig(s3gen_batch=args.s3gen_batch)
     if args.quick:
-        import tempfile
-
-        from chatterbox.loader import build_tiny_models
-        from chatterbox.text import EnTokenizer
-        from chatterbox.text_vocab import write_tokenizer_json
-        from chatterbox.voice import synthetic_reference
-
-        models = build_tiny_models()
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = EnTokenizer(write_tokenizer_json(Path(tmp) / "tokenizer.json"))
-        tts = ChatterboxTTS(models.t3, models.s3gen, models.ve, tokenizer, device, opt=opt, engine_cfg=cfg)
-        tts.prepare_conditionals(synthetic_reference(), sample_rate=24000)
-        return tts
-    tts = ChatterboxTTS.from_synthetic(device, opt=opt)
+        return _tiny(args.model, device, opt, cfg)
+    tts = family.load(args.model, device, opt=opt)
     tts.engine_cfg = cfg
     tts.set_opt(opt)
+    return tts
+
+
+def _tiny(model: str, device: torch.device, opt, cfg):
+    """The tiny pipeline of ``model``'s family (its audio means nothing; it checks the machinery)."""
+    import tempfile
+
+    from chatterbox.family import is_turbo
+    from chatterbox.voice import synthetic_reference
+
+    if is_turbo(model):
+        from chatterbox.loader_turbo import build_tiny_turbo_models
+        from chatterbox.tts_turbo import SYNTHETIC_REFERENCE_SECONDS, ChatterboxTurboTTS
+
+        m = build_tiny_turbo_models()
+        tts = ChatterboxTurboTTS(m.t3, m.s3gen, m.ve, m.tokenizer, device, opt=opt, engine_cfg=cfg)
+        tts.prepare_conditionals(synthetic_reference(seconds=SYNTHETIC_REFERENCE_SECONDS), sample_rate=24000)
+        return tts
+    from chatterbox import ChatterboxTTS
+    from chatterbox.loader import build_tiny_models
+    from chatterbox.text import EnTokenizer
+    from chatterbox.text_vocab import write_tokenizer_json
+
+    models = build_tiny_models()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = EnTokenizer(write_tokenizer_json(Path(tmp) / "tokenizer.json"))
+    tts = ChatterboxTTS(models.t3, models.s3gen, models.ve, tokenizer, device, opt=opt, engine_cfg=cfg)
+    tts.prepare_conditionals(synthetic_reference(), sample_rate=24000)
     return tts
 
 

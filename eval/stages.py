@@ -22,8 +22,8 @@ import torch
 
 from chatterbox.engine import SynthesisRequest
 from chatterbox.engine.t3_runner import T3Request
+from chatterbox.family import DEFAULT_FAMILY, request_defaults
 from chatterbox.optim import attention_context, autograd_context
-from chatterbox.text import drop_invalid_tokens
 from chatterbox.timing import StageTimer
 
 from .texts import TextCase
@@ -78,17 +78,22 @@ def single_segment(tts, case: TextCase) -> str:
     return segments[0]
 
 
+def family_request(tts, text: str, **kw) -> SynthesisRequest:
+    """A request with the default sampling of ``tts``'s model family (what its ``synthesize`` uses)."""
+    return SynthesisRequest(text, **{**request_defaults(getattr(tts, "family", DEFAULT_FAMILY)), **kw})
+
+
 def start_t3(tts, segment: str, seed: int, max_new_tokens: int):
     """A ``T3Stream`` from the engine's T3 runner for one text segment, set up as a ``synthesize``
     call with ``seed`` and the default sampling sets up its T3 request (same voice and exaggeration,
     same sampling generator state, same stop-check block). Call inside ``engine_context``; consume
     ``.blocks()`` or ``.close()`` it."""
     engine = tts.engine
-    request = SynthesisRequest(segment, seed=seed, max_new_tokens=max_new_tokens)
+    request = family_request(tts, segment, seed=seed, max_new_tokens=max_new_tokens)
     conds = tts.conds.to(engine.device).with_exaggeration(request.exaggeration)
     generator = torch.Generator(device=engine.device).manual_seed(request.resolved_seed())
     return engine.t3_runner.start(T3Request(
-        cond=conds.t3, text_tokens=engine.text_tokens(segment), sampling=request.sampling(),
+        cond=conds.t3, text_tokens=engine.text_tokens(segment), sampling=engine.t3_sampling(request),
         max_new_tokens=request.max_new_tokens, generator=generator, block_size=engine.opt.stop_check_every))
 
 
@@ -130,7 +135,7 @@ def render(tts, tokens: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Te
     gen = torch.Generator(device=engine.device).manual_seed(seed)
     with engine_context(tts):
         noise = engine.cfm_noise(torch.Generator().manual_seed(seed))
-        mel = s3gen.flow_inference(tokens.to(engine.device), ref, cfm_noise=noise, n_timesteps=engine.opt.cfm_steps)
+        mel = s3gen.flow_inference(tokens.to(engine.device), ref, cfm_noise=noise, n_timesteps=engine.cfm_steps)
         wav, _ = s3gen.hift_inference(mel, generator=gen)
         wav = s3gen.apply_trim_fade(wav)
     return _plain_cpu(mel[0].float()), _plain_cpu(wav[0].float())
@@ -175,9 +180,9 @@ def run_synthesize(tts, case: TextCase, seed: int, watermark: bool) -> SynthRun:
 def pipeline_t3_tokens(tts, case: TextCase, seed: int, syn: SynthRun) -> torch.Tensor | None:
     """The raw ids (N,) T3 generated in ``syn`` (which reports only the rendered ones): the engine's
     T3 runner run again with the same seed and sampling. None (with a warning) when that run's
-    count or valid ids differ from the pipeline's."""
+    count or rendered codes (the engine's ``valid_tokens``) differ from the pipeline's."""
     raw = t3_tokens(tts, case, seed)
-    if raw.numel() == syn.generated and torch.equal(drop_invalid_tokens(raw), syn.valid_tokens):
+    if raw.numel() == syn.generated and torch.equal(tts.engine.valid_tokens(raw[None]).cpu(), syn.valid_tokens):
         return raw
     log.warning("T3 runner alone gave %d tokens for %r, the pipeline %d (or other valid ids): raw ids unknown",
                 raw.numel(), case.name, syn.generated)

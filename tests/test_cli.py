@@ -191,6 +191,7 @@ class _FakeTTS:
 
     sr = 24000
     synthetic = True
+    conds = "built-in voice"
 
     def __init__(self, tokenizer, fail_at: int | None = None, samples: int = 12000) -> None:
         self.tokenizer = tokenizer
@@ -326,4 +327,99 @@ def test_synthesis_through_the_cli(workdir):
     assert "error" not in err.lower()
     assert files_in(workdir) == {"speech.wav"}
     with wave.open(str(workdir / "speech.wav")) as w:
+        assert w.getframerate() == 24000 and w.getnframes() > 0
+
+
+# ------------------------------------------------------------------ --model (Chatterbox-Turbo and Nano)
+
+def _turbo_ckpt(folder: Path, nano: bool = False) -> Path:
+    """A directory that passes the checks before loading (the weights files are empty: never read here)."""
+    from chatterbox.text_vocab_turbo import write_turbo_tokenizer_files
+
+    folder.mkdir()
+    write_turbo_tokenizer_files(folder)
+    for stem in ("t3_nano_v1" if nano else "t3_turbo_v1", "s3gen_meanflow", "ve"):
+        (folder / f"{stem}.safetensors").write_bytes(b"")
+    (folder / "conds.pt").write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("flags, family, ckpt, pretrained", [
+    ([], "original", False, False),
+    (["--model", "turbo", "--pretrained"], "turbo", False, True),
+    (["--model", "nano"], "nano", False, False),
+    (["--model", "nano", "--ckpt", "CKPT"], "nano", True, False),
+])
+def test_model_option_picks_the_family_loader(monkeypatch, workdir, tmp_path, flags, family, ckpt, pretrained):
+    from chatterbox import family as families
+
+    ckpt_dir = _turbo_ckpt(tmp_path / "ckpt", nano=True) if ckpt else None
+    flags = [str(ckpt_dir) if f == "CKPT" else f for f in flags]
+    calls = []
+
+    def fake_load(name, device, opt=None, ckpt=None, pretrained=False, salt=0):
+        calls.append((name, ckpt, pretrained))
+        return _FakeTTS(families.tokenizer(name, None))
+
+    monkeypatch.setattr(families, "load", fake_load)
+    assert cli.main(["Hello [laugh] there.", "-o", str(workdir / "a.wav"), "--seed", "1", *flags]) == 0
+    assert calls == [(family, ckpt_dir, pretrained)]
+
+
+def test_turbo_defaults_and_ignored_options(monkeypatch, workdir, caplog):
+    from chatterbox import family as families
+
+    fakes = []
+
+    def fake_load(name, device, opt=None, ckpt=None, pretrained=False, salt=0):
+        fakes.append(_FakeTTS(families.tokenizer(name, None)))
+        return fakes[-1]
+
+    monkeypatch.setattr(families, "load", fake_load)
+    assert cli.main(["Hi.", "-o", str(workdir / "a.wav"), "--model", "turbo"]) == 0
+    assert all(kw["exaggeration"] == 0.0 and kw["cfg_weight"] == 0.0 for _, kw in fakes[0].calls)
+    with caplog.at_level(logging.WARNING, logger="chatterbox.cli"):
+        assert cli.main(["Hi.", "-o", str(workdir / "b.wav"), "--model", "nano", "--cfg-weight", "0.7"]) == 0
+    assert any("--cfg-weight is ignored by --model nano" in r.getMessage() for r in caplog.records)
+    assert cli.main(["Hi.", "-o", str(workdir / "c.wav")]) == 0  # the original model keeps its own defaults
+    assert all(kw["exaggeration"] == 0.5 and kw["cfg_weight"] == 0.5 for _, kw in fakes[-1].calls)
+
+
+def test_turbo_text_check_uses_the_byte_level_tokenizer():
+    text = "\u4f60\u597d \U0001F600 [laugh] caf\u00e9"
+    assert cli.prepare(cli.build_parser().parse_args([text, "--model", "turbo"])) == text  # everything encodes
+    with pytest.raises(cli.UsageError, match="English only"):
+        cli.prepare(cli.build_parser().parse_args(["\u4f60\u597d", "--model", "original"]))
+
+
+def test_turbo_checkpoint_and_voice_checks(tmp_path):
+    from chatterbox.cli_common import check_voice
+
+    turbo_dir = _turbo_ckpt(tmp_path / "turbo")
+    args = cli.build_parser().parse_args(["Hi.", "--model", "turbo", "--ckpt", str(turbo_dir)])
+    assert cli.prepare(args) == "Hi."
+    args = cli.build_parser().parse_args(["Hi.", "--model", "nano", "--ckpt", str(turbo_dir)])
+    with pytest.raises(cli.UsageError, match="t3_nano_v1"):
+        cli.prepare(args)
+    (turbo_dir / "merges.txt").unlink()
+    with pytest.raises(cli.UsageError, match="merges.txt"):
+        cli.prepare(cli.build_parser().parse_args(["Hi.", "--model", "turbo", "--ckpt", str(turbo_dir)]))
+    import soundfile as sf
+
+    from chatterbox.voice import synthetic_reference
+
+    short = tmp_path / "short.wav"
+    sf.write(str(short), synthetic_reference(3.0, 24000), 24000)
+    check_voice(short, "original")
+    with pytest.raises(cli.UsageError, match="longer than 5 s"):
+        check_voice(short, "turbo")
+
+
+@pytest.mark.full_size
+def test_nano_synthesis_through_the_cli(workdir):
+    proc = run_cli("Hello there [chuckle] \U0001F600.", "-o", "nano.wav", "--model", "nano", "--max-new-tokens", "6",
+                   "--seed", "1", "--stream", "--chunk-size", "4", "--no-watermark", cwd=workdir, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "reminder: synthetic checkpoint" in proc.stderr and "English only" not in proc.stderr
+    with wave.open(str(workdir / "nano.wav")) as w:
         assert w.getframerate() == 24000 and w.getnframes() > 0

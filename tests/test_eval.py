@@ -171,6 +171,47 @@ def test_eval_uses_no_private_attributes_and_patches_nothing():
         assert not hits, hits
 
 
+# ------------------------------------------------------------------------------------- Turbo and Nano
+def test_stages_run_turbo_through_its_engine_hooks():
+    """T3 alone (Turbo's sampling), the raw ids against the pipeline's codes (silence appended) and the
+    renderer (the meanflow CFM's own steps) on the tiny Turbo pipeline."""
+    from conftest import make_tiny_turbo_tts
+    from eval.texts import TextCase
+
+    tts = make_tiny_turbo_tts()
+    case = TextCase("short", "Hello there [laugh], friend.", 12)
+    syn = stages.run_synthesize(tts, case, seed=3, watermark=False)
+    raw = stages.pipeline_t3_tokens(tts, case, 3, syn)
+    assert raw is not None and raw.numel() == syn.generated
+    assert syn.valid_tokens[-3:].tolist() == [4299] * 3
+    mel, wav = stages.render(tts, syn.valid_tokens, 3)
+    assert torch.isfinite(mel).all() and wav.numel() > 0
+    assert stages.family_request(tts, "x").top_p == 0.95 and stages.family_request(_FakeTTS(), "x").top_p == 1.0
+
+
+def test_ab_takes_a_model_and_cpu_turbo_summarises(tmp_path):
+    from eval import cpu_turbo, upstream_turbo
+
+    assert ab.parse_args(["--model", "nano", "--device", "cpu"]).model == "nano"
+    assert ab.quick_voice_seconds("turbo") > 5 and ab.quick_voice_seconds("original") == 2.0
+    assert upstream_turbo.upstream_python(tmp_path) is None and upstream_turbo.upstream_python(None) is None
+    args = ab.parse_args(["--model", "turbo", "--device", "cpu", "--upstream", str(tmp_path)])
+    args.upstream_python = None
+    assert ab.turbo_upstream_block(args, [], None, {})["status"] == "skipped"
+    chunks = [{"tokens": 25, "samples": 24000, "t3_s": 0.5, "flow_s": 1.5, "vocoder_s": 0.2}] * 2
+    samples = [{"variant": "ours stream 25 (cpu)", "mode": "stream", "rtf": r, "total_s": 4.4 * r, "audio_s": 2.0,
+                "ttfa_s": 2.0, "t3_s": 1.0, "flow_s": 3.0, "vocoder_s": 0.4, "t3_tokens": 50, "chunks": 2,
+                "per_chunk": chunks} for r in (2.0, 2.2, 2.4)]
+    samples += [{"variant": "upstream generate", "mode": "generate", "rtf": 1.4, "total_s": 2.8, "audio_s": 2.0,
+                 "t3_s": 1.5, "s3gen_s": 1.3, "t3_tokens": 50}]
+    summary = cpu_turbo.summarize(samples)
+    ours = summary["ours stream 25 (cpu)"]
+    assert ours["rtf"] == pytest.approx(2.2) and ours["t3_ms_per_token"] == pytest.approx(20.0)
+    assert ours["flow_s_per_chunk"] == 1.5 and summary["upstream generate"]["reps"] == 1
+    lines = cpu_turbo.verdict({"runs": [{"model": "nano", "summary": summary}]})
+    assert len(lines) == 1 and "misses" in lines[0] and "upstream generate RTF 1.40" in lines[0]
+
+
 # ------------------------------------------------------------------------------------- inputs
 def test_text_sets_and_config_resolution():
     assert [c.name for c in text_cases(["long", "short"])] == ["long", "short"]

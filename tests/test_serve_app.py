@@ -417,3 +417,60 @@ def test_not_ready_until_loaded_and_warmed_up(tiny_pair, tmp_path):
         release.set()
         wait_for(lambda: client.get("/health").status_code == 200, "the model to load")
         assert speak(client, response_format="pcm").status_code == 200
+
+
+# ------------------------------------------------------------------ several model families
+
+@pytest.fixture(scope="module")
+def families_server(tiny_pair, tmp_path_factory):
+    from conftest import make_tiny_turbo_tts
+
+    engines = [tiny_pair[0], make_tiny_turbo_tts()]
+    with running(config(tmp_path_factory.mktemp("families")), engines) as (service, client):
+        yield service, client
+
+
+def test_models_are_listed_and_routed_by_name(families_server):
+    service, client = families_server
+    models = {m["id"]: m for m in client.get("/v1/models", headers=AUTH).json()["data"]}
+    assert {"chatterbox", "chatterbox-turbo", "tts-1"} <= set(models) and "chatterbox-nano" not in models
+    assert models["chatterbox-turbo"]["family"] == "turbo" and models["tts-1"]["root"] == "chatterbox"
+    assert client.get("/health").json()["models"] == ["chatterbox", "chatterbox-turbo"]
+    turbo = speak(client, model="chatterbox-turbo", response_format="pcm")
+    assert turbo.status_code == 200 and turbo.headers["x-chatterbox-engine"] == "cpu#1"
+    original = speak(client, model="chatterbox", response_format="pcm")
+    assert original.status_code == 200 and original.headers["x-chatterbox-engine"] == "cpu#0"
+    assert speak(client, model="tts-1", response_format="pcm").content == original.content
+    missing = speak(client, model="chatterbox-nano")
+    assert missing.status_code == 404 and error_of(missing)["code"] == "model_not_found"
+    assert "chatterbox-turbo" in error_of(missing)["message"]
+    assert client.get("/v1/models/chatterbox-nano", headers=AUTH).status_code == 404
+
+
+def test_voices_belong_to_the_model_that_made_them(families_server):
+    service, client = families_server
+    fields = {"name": "TurboVoice", "model": "chatterbox-turbo"}
+    created = client.post("/v1/voices", data=fields, files={"file": ("r.wav", wav_bytes(6.0), "audio/wav")},
+                          headers=AUTH)
+    assert created.status_code == 201, created.text
+    voice = created.json()
+    assert voice["family"] == "turbo"
+    try:
+        assert speak(client, model="chatterbox-turbo", voice="TurboVoice", response_format="pcm").status_code == 200
+        wrong = speak(client, model="chatterbox", voice=voice["id"])
+        assert wrong.status_code == 400 and error_of(wrong)["code"] == "voice_model_mismatch"
+        assert error_of(wrong)["param"] == "voice" and "chatterbox-turbo" in error_of(wrong)["message"]
+        short = client.post("/v1/voices", data={"name": "Short", "model": "chatterbox-turbo"},
+                            files={"file": ("r.wav", wav_bytes(3.0), "audio/wav")}, headers=AUTH)
+        assert short.status_code == 400 and "5 s" in error_of(short)["message"]
+        unknown = client.post("/v1/voices", data={"name": "X", "model": "gpt-5"},
+                              files={"file": ("r.wav", wav_bytes(3.0), "audio/wav")}, headers=AUTH)
+        assert unknown.status_code == 404 and error_of(unknown)["param"] == "model"
+        default = client.post("/v1/voices", data={"name": "Plain"}, files={"file": ("r.wav", wav_bytes(), "audio/wav")},
+                              headers=AUTH).json()
+        assert default["family"] == "original"  # no model named: the default (first) model's front end
+        client.delete(f"/v1/voices/{default['id']}", headers=AUTH)
+        builtin = client.get("/v1/voices/default", headers=AUTH).json()
+        assert builtin["source"]["models"] == ["chatterbox", "chatterbox-turbo"] and builtin["family"] is None
+    finally:
+        client.delete(f"/v1/voices/{voice['id']}", headers=AUTH)

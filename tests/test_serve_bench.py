@@ -36,3 +36,11 @@ def test_quick_run_writes_a_result(tmp_path):
     assert set(result["rows"]) == {"1", "2"} and result["rows"]["2"]["requests"] == 2
     assert result["rows"]["1"]["ttfa_p50_s"] > 0 and result["rows"]["1"]["audio_s_per_wall_s"] > 0
     assert stem.with_suffix(".md").read_text().count("|") > 10
+
+
+def test_quick_run_of_turbo(tmp_path):
+    stem = tmp_path / "sb-turbo"
+    assert main(["--quick", "--model", "turbo", "--out", str(stem)]) == 0
+    result = json.loads(stem.with_suffix(".json").read_text())
+    assert result["model"] == "turbo" and result["rows"]["1"]["audio_s_per_wall_s"] > 0
+    assert stem.with_suffix(".md").read_text().startswith("# serve bench: turbo")

@@ -36,8 +36,9 @@ def test_serve_run_arguments_become_server_options(tmp_path):
                          "gpus_per_replica": 0, "no_watermark": "false"})
     assert argv == ["--tiny", "--voices-dir", str(tmp_path), "--max-replicas", "4", "--api-key", "a",
                     "--api-key", "b", "--gpus-per-replica", "0"]
-    _, config, spec, ray_cfg = parse(argv)
-    assert spec.source == "tiny" and config.api_keys[:2] == ("a", "b") and ray_cfg.max_replicas == 4
+    _, config, specs, ray_cfg = parse(argv)
+    assert [(s.source, s.family) for s in specs] == [("tiny", "original")]
+    assert config.api_keys[:2] == ("a", "b") and ray_cfg.max_replicas == 4
 
 
 def test_local_ray_serve_streams_a_request(tmp_path):

@@ -261,3 +261,100 @@ def test_serve_bad_option_is_one_error_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert lines == ["error: --max-concurrent must be >= 1, got 0"], proc.stderr
+
+
+# ------------------------------------------------------------------ model families
+
+class _FamilyTTS(_FakeTTS):
+    def __init__(self, family: str) -> None:
+        super().__init__()
+        self.family = family
+
+
+def test_pool_places_each_request_on_its_family_and_queues_without_blocking_others():
+    async def run():
+        pool = EnginePool([_FamilyTTS("original"), _FamilyTTS("turbo")], max_concurrent=1, max_queue=4)
+        assert pool.families == ("original", "turbo")
+        turbo = await pool.acquire("turbo")
+        assert turbo.slot.index == 1
+        waiting_turbo = asyncio.ensure_future(pool.acquire("turbo"))
+        await asyncio.sleep(0)
+        original = await asyncio.wait_for(pool.acquire("original"), 1)  # not held up by the turbo waiter
+        assert original.slot.index == 0 and pool.queued == 1
+        pool.release(original)
+        await asyncio.sleep(0)
+        assert not waiting_turbo.done()  # an original slot is no use to it
+        pool.release(turbo)
+        assert (await asyncio.wait_for(waiting_turbo, 1)).slot.index == 1
+        with pytest.raises(ValueError, match="nano"):
+            await pool.acquire("nano")
+        assert [d["model_family"] for d in pool.describe()] == ["original", "turbo"]
+
+    asyncio.run(run())
+
+
+def test_model_names_per_family():
+    cfg = ServerConfig()
+    assert [cfg.family_model_name(f) for f in ("original", "turbo", "nano")] == [
+        "chatterbox", "chatterbox-turbo", "chatterbox-nano"]
+    names = cfg.served_names(("turbo", "original"))
+    assert names["chatterbox-turbo"] == "turbo" and names["chatterbox"] == "original"
+    assert names["tts-1"] == "turbo" and "chatterbox-nano" not in names  # OpenAI's names: the first family
+    with pytest.raises(ValueError):
+        ModelSpec(family="large")
+
+
+def test_requests_get_their_family_defaults():
+    cfg = ServerConfig()
+    original = synthesis_request(parse_speech(BASE), cfg, seed=1)
+    assert (original.exaggeration, original.top_p, original.min_p) == (0.5, 1.0, 0.05)
+    turbo = synthesis_request(parse_speech(BASE), cfg, seed=1, family="turbo")
+    assert (turbo.exaggeration, turbo.cfg_weight, turbo.top_p, turbo.top_k, turbo.min_p) == (0.0, 0.0, 0.95, 1000, 0.0)
+    tuned = synthesis_request(parse_speech({**BASE, "top_p": 0.5, "top_k": 20}), cfg, seed=1, family="nano")
+    assert (tuned.top_p, tuned.top_k, tuned.temperature) == (0.5, 20, 0.8)
+    assert _status({**BASE, "top_k": -1}) == (400, "top_k")
+    assert _status({**BASE, "top_k": 2.5}) == (422, "top_k")
+
+
+def test_voices_remember_their_family(tmp_path, tiny_tts):
+    store = VoiceStore(tmp_path, cache_size=2)
+    turbo = store.create("T", tiny_tts.conds, {}, family="turbo")
+    assert store.find("T").family == "turbo"
+    assert json.loads((tmp_path / turbo.id / "voice.json").read_text())["family"] == "turbo"
+    old = store.create("Old", tiny_tts.conds, {})
+    meta = tmp_path / old.id / "voice.json"
+    raw = json.loads(meta.read_text())
+    del raw["family"]  # stored before families existed
+    meta.write_text(json.dumps(raw))
+    assert VoiceStore(tmp_path, cache_size=2).get(old.id).family == "original"
+
+
+def _serve_prepare(*argv: str):
+    from chatterbox.serve.cli import build_parser, prepare
+
+    return prepare(build_parser().parse_args(list(argv)))
+
+
+def test_serve_cli_loads_one_spec_per_model(tmp_path):
+    from chatterbox.cli_common import UsageError
+    from chatterbox.text_vocab_turbo import write_turbo_tokenizer_files
+
+    voices = ("--voices-dir", str(tmp_path / "voices"), "--device", "cpu")
+    _, specs = _serve_prepare(*voices)
+    assert [(s.family, s.source) for s in specs] == [("original", "synthetic")]
+    _, specs = _serve_prepare(*voices, "--model", "turbo", "--model", "original,nano", "--tiny")
+    assert [(s.family, s.source) for s in specs] == [("turbo", "tiny"), ("original", "tiny"), ("nano", "tiny")]
+    nano = tmp_path / "nano"
+    nano.mkdir()
+    write_turbo_tokenizer_files(nano)
+    for stem in ("t3_nano_v1", "s3gen_meanflow", "ve"):
+        (nano / f"{stem}.safetensors").write_bytes(b"")
+    _, specs = _serve_prepare(*voices, "--model", "nano", "--ckpt", str(nano))
+    assert [(s.family, s.source, s.ckpt) for s in specs] == [("nano", "local", str(nano))]
+    for argv, needle in ((("--model", "turbo", "--ckpt", str(nano)), "t3_turbo_v1"),
+                         (("--model", "nano", "--model", "original", "--ckpt", str(nano)), "MODEL=DIR"),
+                         (("--model", "nano", "--model", "original", "--ckpt", f"nano={nano}"),
+                          "no directory for original"),
+                         (("--model", "large"), "choose from")):
+        with pytest.raises(UsageError, match=needle):
+            _serve_prepare(*voices, *argv)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["ChatterboxTTS", "Conditionals", "OptConfig", "T3Cond", "__version__"]
+__all__ = ["ChatterboxTTS", "ChatterboxTurboTTS", "Conditionals", "OptConfig", "T3Cond", "__version__"]
 
 
 def __getattr__(name: str):
@@ -12,6 +12,10 @@ def __getattr__(name: str):
         from .tts import ChatterboxTTS
 
         return ChatterboxTTS
+    if name == "ChatterboxTurboTTS":
+        from .tts_turbo import ChatterboxTurboTTS
+
+        return ChatterboxTurboTTS
     if name == "Conditionals":
         from .conditionals import Conditionals
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .cli_common import (DEFAULT_OUTPUT, UsageError, _HelpFormatter, _Parser, _f
                          check_voice, configure_logging, parse_chunk_size, read_text, run_guarded)
 from .cli_output import AudioSink, speak
 from .engine.request import MAX_SEED
+from . import family
 
 log = logging.getLogger("chatterbox.cli")
 
@@ -36,6 +36,8 @@ examples:
   echo "Read from stdin." | chatterbox-tts - --raw --pretrained | aplay -f S16_LE -r 24000
   chatterbox-tts "Faster on a GPU." -o out.wav --pretrained --device cuda --opt "fast"
   chatterbox-tts "One toggle." -o out.wav --pretrained --opt "reference+t3.dtype=bf16"
+  chatterbox-tts "Low latency [chuckle]." -o out.wav --model turbo --pretrained --voice ref.wav
+  chatterbox-tts "On a laptop." -o out.wav --model nano --pretrained --opt cpu --stream
   chatterbox-tts serve --pretrained --device cuda    (OpenAI-compatible HTTP server; serve --help)
 
 Without --ckpt or --pretrained the embedded synthetic checkpoint is used: every model runs at full
@@ -68,19 +70,26 @@ def build_parser(prog: str = "chatterbox-tts", description: str | None = None,
     ap.add_argument("--voice", type=Path, default=None,
                     help="reference recording of the voice to clone (default: the checkpoint's built-in "
                          "voice, conds.pt)")
+    ap.add_argument("--model", default=family.DEFAULT_FAMILY, choices=family.FAMILIES,
+                    help="model family: original Chatterbox, Chatterbox-Turbo (low latency, paralinguistic tags "
+                         "such as [laugh]) or Chatterbox-Nano (Turbo's small sibling, for CPUs)")
     ap.add_argument("--ckpt", type=Path, default=None,
                     help="checkpoint directory holding ve, t3_cfg, s3gen (.safetensors or .pt), "
-                         "tokenizer.json and optionally conds.pt (default: the synthetic checkpoint)")
+                         "tokenizer.json and optionally conds.pt; for turbo: t3_turbo_v1, s3gen_meanflow, ve and "
+                         "the GPT-2 tokenizer files (nano: t3_nano_v1) (default: the synthetic checkpoint)")
     ap.add_argument("--pretrained", action="store_true",
-                    help="download the published checkpoint from the Hugging Face hub (or reuse its cache)")
+                    help="download the published checkpoint of --model from the Hugging Face hub (or reuse its "
+                         "cache)")
     ap.add_argument("--device", default=None,
                     help="cpu, cuda, cuda:1, mps (default: cuda when available, else cpu)")
     ap.add_argument("--seed", type=int, default=None, help=SEED_HELP)
     ap.add_argument("--max-new-tokens", type=int, default=1000, help=MAX_NEW_TOKENS_HELP)
-    ap.add_argument("--exaggeration", type=float, default=0.5,
-                    help="emotion exaggeration of the voice, >= 0 (0.5 is neutral)")
-    ap.add_argument("--cfg-weight", type=float, default=0.5,
-                    help="classifier-free guidance weight, >= 0 (lower is slower, more deliberate speech)")
+    ap.add_argument("--exaggeration", type=float, default=None,
+                    help="emotion exaggeration of the voice, >= 0 (0.5 is neutral) (default: 0.5; turbo and nano "
+                         "ignore it)")
+    ap.add_argument("--cfg-weight", type=float, default=None,
+                    help="classifier-free guidance weight, >= 0 (lower is slower, more deliberate speech) "
+                         "(default: 0.5; turbo and nano have no guidance)")
     ap.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, > 0")
     ap.add_argument("--chunk-size", default="25",
                     help="with --stream: speech tokens per streamed chunk, or a schedule like 10,25,50 "
@@ -98,21 +107,13 @@ def build_parser(prog: str = "chatterbox-tts", description: str | None = None,
 
 
 def _early_tokenizer(args: argparse.Namespace):
-    """The text tokenizer, when it can be had without loading the model (not for --pretrained)."""
-    from .checkpoint import TOKENIZER_FILE
-    from .text import EnTokenizer
-
-    if args.ckpt is not None:
-        try:
-            return EnTokenizer(args.ckpt / TOKENIZER_FILE)
-        except Exception as exc:  # noqa: BLE001  (the tokenizers library raises plain Exception)
-            raise UsageError(f"checkpoint {args.ckpt}: cannot read {TOKENIZER_FILE}: {_one_line(exc)}") from None
+    """``--model``'s text tokenizer, when it can be had without loading the model (not for --pretrained)."""
     if args.pretrained:
         return None
-    from .text_vocab import write_tokenizer_json
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return EnTokenizer(write_tokenizer_json(Path(tmp) / TOKENIZER_FILE))
+    try:
+        return family.tokenizer(args.model, args.ckpt)
+    except Exception as exc:  # noqa: BLE001  (the tokenizers library raises plain Exception)
+        raise UsageError(f"checkpoint {args.ckpt}: cannot read the tokenizer: {_one_line(exc)}") from None
 
 
 def prepare(args: argparse.Namespace) -> str:
@@ -133,6 +134,7 @@ def prepare(args: argparse.Namespace) -> str:
     if not 1 <= args.max_new_tokens <= token_limit:
         raise UsageError(f"--max-new-tokens must be between 1 and {token_limit} (tokens per text segment), "
                          f"got {args.max_new_tokens}")
+    _model_defaults(args)
     for name, value in (("--exaggeration", args.exaggeration), ("--cfg-weight", args.cfg_weight),
                         ("--temperature", args.temperature)):
         _finite(name, value)
@@ -166,7 +168,7 @@ def prepare(args: argparse.Namespace) -> str:
     if not args.raw and args.output is not None:
         check_output(args.output)
     if args.voice is not None:
-        check_voice(args.voice)
+        check_voice(args.voice, args.model)
     if args.ckpt is not None:
         check_ckpt(args)
 
@@ -182,6 +184,17 @@ def prepare(args: argparse.Namespace) -> str:
     return text
 
 
+def _model_defaults(args: argparse.Namespace) -> None:
+    """Fill in the sampling defaults of ``--model``; Turbo and Nano ignore exaggeration and guidance."""
+    turbo = family.is_turbo(args.model)
+    for name, option in (("exaggeration", "--exaggeration"), ("cfg_weight", "--cfg-weight")):
+        given = getattr(args, name)
+        if given is None:
+            setattr(args, name, 0.0 if turbo else 0.5)
+        elif turbo and given != 0:
+            log.warning("%s is ignored by --model %s", option, args.model)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading and the entry point.
 
@@ -193,19 +206,15 @@ def is_synthetic(tts, args: argparse.Namespace) -> bool:
 
 
 def load_tts(args: argparse.Namespace):
+    """The ``--model`` family from ``--ckpt``, ``--pretrained`` or synthetic weights, with its voice."""
     from .opt import OptConfig
-    from .tts import ChatterboxTTS
 
     opt = getattr(args, "opt_config", None) or OptConfig.parse(args.opt)
     device = args.device or "cpu"
-    if args.ckpt is not None:
-        tts = ChatterboxTTS.from_local(args.ckpt, device, opt=opt)
-    elif args.pretrained:
-        tts = ChatterboxTTS.from_pretrained(device, opt=opt)
-    else:
+    if args.ckpt is None and not args.pretrained:
         log.warning("no checkpoint given (--ckpt DIR or --pretrained): using the embedded SYNTHETIC checkpoint; "
                     "the output is NOT speech")
-        tts = ChatterboxTTS.from_synthetic(device, opt=opt)
+    tts = family.load(args.model, device, opt=opt, ckpt=args.ckpt, pretrained=args.pretrained)
     if args.voice is not None:
         tts.prepare_conditionals(str(args.voice), exaggeration=args.exaggeration)
     elif tts.conds is None:

@@ -86,8 +86,9 @@ def check_output(path: Path) -> None:
         raise UsageError(f"cannot write to output directory {str(parent)!r}: {exc.strerror or exc}") from None
 
 
-def check_voice(path: Path) -> None:
-    """The reference recording exists and holds usable audio (read as voice cloning will read it)."""
+def check_voice(path: Path, model: str = "original") -> None:
+    """The reference recording exists and holds usable audio (read as voice cloning will read it), long
+    enough for ``model``'s voices (Turbo and Nano need more than 5 s)."""
     import soundfile as sf
 
     if not path.exists():
@@ -110,26 +111,35 @@ def check_voice(path: Path) -> None:
     with warnings.catch_warnings():  # librosa's fallback warns at length before it fails
         warnings.simplefilter("ignore")
         try:
-            load_reference(path, None, 16000)
+            wav = load_reference(path, None, 16000)
         except ValueError as exc:
             raise UsageError(f"--voice: {_one_line(exc)}") from None
+    from .family import min_reference_seconds
+
+    shortest = min_reference_seconds(model)
+    if shortest is not None and not wav.shape[0] / 16000 > shortest:
+        raise UsageError(f"--voice {path} is {wav.shape[0] / 16000:.2f} s long; --model {model} needs a reference "
+                         f"longer than {shortest:g} s")
 
 
 def check_ckpt(args: argparse.Namespace) -> None:
-    from .checkpoint import CONDS_FILE, TOKENIZER_FILE, CheckpointError, find_checkpoint_file
+    """``--ckpt`` holds the weights and tokenizer files of ``--model`` (and a voice, unless ``--voice``)."""
+    from .checkpoint import CONDS_FILE, CheckpointError, find_checkpoint_file
+    from .family import checkpoint_stems, missing_tokenizer
 
-    ckpt = args.ckpt
+    ckpt, model = args.ckpt, getattr(args, "model", "original")
     if not ckpt.exists():
         raise UsageError(f"checkpoint directory not found: --ckpt {ckpt}")
     if not ckpt.is_dir():
         raise UsageError(f"--ckpt {ckpt} is not a directory")
     try:
-        for stem in ("ve", "t3_cfg", "s3gen"):
+        for stem in checkpoint_stems(model):
             find_checkpoint_file(ckpt, stem)
     except CheckpointError as exc:
-        raise UsageError(f"checkpoint {_one_line(exc)}") from None
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        raise UsageError(f"checkpoint {ckpt}: {TOKENIZER_FILE} not found")
+        raise UsageError(f"checkpoint (--model {model}) {_one_line(exc)}") from None
+    missing = missing_tokenizer(model, ckpt)
+    if missing is not None:
+        raise UsageError(f"checkpoint {ckpt}: {missing} not found")
     if args.voice is None and not (ckpt / CONDS_FILE).is_file():
         raise UsageError(f"checkpoint {ckpt} has no built-in voice ({CONDS_FILE}); pass --voice ref.wav")
 

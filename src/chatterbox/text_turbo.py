@@ -131,6 +131,10 @@ class TurboTokenizer:
                 added.setdefault(int(token_id), (content, content in specials))
         return added
 
+    def can_encode(self, char: str) -> bool:
+        """Always: byte-level BPE encodes every character (``text.check_encodable`` keeps all text)."""
+        return True
+
     def encode(self, text: str) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return ids if self.max_length is None else ids[:self.max_length]

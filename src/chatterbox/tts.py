@@ -35,6 +35,7 @@ class ChatterboxTTS:
     ENC_COND_LEN = 6 * S3_SR
     DEC_COND_LEN = 10 * S3GEN_SR
     engine_class: type[Engine] = Engine  # the model family's engine (Turbo and Nano have their own)
+    family = "original"  # which model family this object runs (``chatterbox.family.FAMILIES``)
 
     def __init__(self, t3: T3, s3gen: S3Gen, ve: VoiceEncoder, tokenizer: EnTokenizer,
                  device: str | torch.device, conds: Conditionals | None = None,

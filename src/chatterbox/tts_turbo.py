@@ -29,6 +29,7 @@ SYNTHETIC_REFERENCE_SECONDS = 8.0
 
 class ChatterboxTurboTTS(ChatterboxTTS):
     engine_class = TurboEngine
+    family = "turbo"  # "nano" on objects loaded with nano=True
 
     @classmethod
     def from_local(cls, ckpt_dir: str | Path, device: str | torch.device = "cpu", opt: OptConfig | None = None,
@@ -40,8 +41,10 @@ class ChatterboxTurboTTS(ChatterboxTTS):
         from .checkpoint import is_synthetic_checkpoint
 
         conds = m.conds.to(device) if m.conds is not None else None
-        return cls(m.t3, m.s3gen, m.ve, m.tokenizer, device, conds=conds, opt=opt,
-                   synthetic=is_synthetic_checkpoint(Path(ckpt_dir)))
+        tts = cls(m.t3, m.s3gen, m.ve, m.tokenizer, device, conds=conds, opt=opt,
+                  synthetic=is_synthetic_checkpoint(Path(ckpt_dir)))
+        tts.family = "nano" if nano else "turbo"
+        return tts
 
     @classmethod
     def from_pretrained(cls, device: str | torch.device = "cpu", opt: OptConfig | None = None,
@@ -59,6 +62,7 @@ class ChatterboxTurboTTS(ChatterboxTTS):
         log.warning(NOT_SPEECH_WARNING)
         m = load_turbo_models(None, torch.device("cpu"), nano=nano, salt=salt)
         tts = cls(m.t3, m.s3gen, m.ve, m.tokenizer, device, opt=opt, synthetic=True)
+        tts.family = "nano" if nano else "turbo"
         tts.prepare_conditionals(synthetic_reference(seconds=SYNTHETIC_REFERENCE_SECONDS), sample_rate=S3GEN_SR)
         return tts
 

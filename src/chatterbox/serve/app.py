@@ -170,18 +170,18 @@ def _v1_routes(service: SpeechService) -> APIRouter:
 
     @router.get("/models")
     async def models() -> dict:
-        return {"object": "list", "data": [_model(service, name) for name in cfg.model_names]}
+        return {"object": "list", "data": [_model(service, name, family)
+                                           for name, family in service.model_names().items()]}
 
     @router.get("/models/{model_id}")
     async def model(model_id: str) -> dict:
-        service.resolve_model(model_id)
-        return _model(service, model_id)
+        return _model(service, model_id, service.resolve_model(model_id))
 
     @router.post("/voices")
     async def create_voice(request: Request) -> JSONResponse:
         service.require_ready()
         upload = await read_voice_upload(request, cfg)
-        info = await service.create_voice(upload.name, upload.audio, upload.sample_rate, upload.source)
+        info = await service.create_voice(upload.name, upload.audio, upload.sample_rate, upload.source, upload.model)
         return JSONResponse(info.public(), status_code=201)
 
     @router.get("/voices")
@@ -201,9 +201,10 @@ def _v1_routes(service: SpeechService) -> APIRouter:
     return router
 
 
-def _model(service: SpeechService, name: str) -> dict:
+def _model(service: SpeechService, name: str, family: str) -> dict:
+    """OpenAI's model object; ``root`` is the served model the name stands for."""
     return {"id": name, "object": "model", "created": service.created, "owned_by": "chatterbox",
-            "root": service.config.model_name}
+            "root": service.config.family_model_name(family), "family": family}
 
 
 def create_app(service: SpeechService, load_on_startup: bool = True,
@@ -238,7 +239,8 @@ def create_app(service: SpeechService, load_on_startup: bool = True,
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": {"ready": "ok"}.get(service.state, service.state), "model": service.config.model_name}
+        names = [service.config.family_model_name(f) for f in service.families]
+        body = {"status": {"ready": "ok"}.get(service.state, service.state), "model": names[0], "models": names}
         if service.pool is not None:
             body["engines"] = service.pool.describe()
         if service.error:

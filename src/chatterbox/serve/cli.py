@@ -1,8 +1,10 @@
 """``chatterbox-tts serve``: the OpenAI-compatible speech server.
 
-Options are checked before the model loads (one ``error:`` line, exit status 2). The server starts
-listening at once and loads the model in the background: ``GET /health`` answers 503 until every
-engine is loaded and warmed up, 200 afterwards. If loading fails the server stops with status 1.
+Options are checked before the model loads (one ``error:`` line, exit status 2). ``--model`` may be
+given several times: the server then loads every family and routes each request by its ``model``
+field. The server starts listening at once and loads the models in the background: ``GET /health``
+answers 503 until every engine is loaded and warmed up, 200 afterwards. If loading fails the server
+stops with status 1.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from ..family import DEFAULT_FAMILY, FAMILIES
 from .config import API_KEYS_ENV, ModelSpec, ServerConfig, default_voices_dir, keys_from_env
 
 log = logging.getLogger("chatterbox.serve")
@@ -24,6 +27,9 @@ _EPILOG = f"""\
 examples:
   chatterbox-tts serve --pretrained --device cuda --opt fast
   chatterbox-tts serve --ckpt ~/chatterbox --devices cuda:0,cuda:1 --api-key $KEY
+  chatterbox-tts serve --pretrained --model original --model turbo    (requests pick one by "model":
+       "chatterbox" or "chatterbox-turbo"; OpenAI's names such as tts-1 mean the first --model)
+  chatterbox-tts serve --model original --model nano --ckpt original=~/chatterbox --ckpt nano=~/nano
   curl -s localhost:{_DEFAULTS.port}/v1/audio/speech -H 'Content-Type: application/json' \\
        -d '{{"model": "chatterbox", "input": "Hello.", "voice": "default", "response_format": "pcm"}}' \\
        | aplay -f S16_LE -r 24000 -c 1
@@ -45,8 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "is generated), a voices API, /health and /metrics.", 100))
     ap.add_argument("--host", default=d.host, help=f"address to listen on (default: {d.host})")
     ap.add_argument("--port", type=int, default=d.port, help=f"port to listen on (default: {d.port})")
+    ap.add_argument("--model", action="append", default=None, metavar="{" + ",".join(FAMILIES) + "}",
+                    help="model family to serve; repeat (or separate with commas) to serve several, each under "
+                         f"its own name: original as {d.model_name}, turbo as {d.family_model_name('turbo')}, nano as "
+                         f"{d.family_model_name('nano')} (default: {DEFAULT_FAMILY})")
     src = ap.add_mutually_exclusive_group()
-    src.add_argument("--ckpt", type=Path, default=None, help="checkpoint directory (ve, t3_cfg, s3gen, tokenizer.json)")
+    src.add_argument("--ckpt", action="append", default=None, metavar="[MODEL=]DIR",
+                     help="checkpoint directory (original: ve, t3_cfg, s3gen, tokenizer.json; turbo/nano: "
+                          "t3_turbo_v1 or t3_nano_v1, s3gen_meanflow, ve, GPT-2 tokenizer files); with several "
+                          "--model, one MODEL=DIR each")
     src.add_argument("--pretrained", action="store_true", help="the published checkpoint from the Hugging Face hub")
     src.add_argument("--tiny", action="store_true", help="tiny random models (tests and smoke checks; not speech)")
     ap.add_argument("--device", default=None, help="one device: cpu, cuda, cuda:1 (default: cuda when available)")
@@ -115,22 +128,55 @@ def _check_voices_dir(path: Path) -> None:
         raise UsageError(f"--voices-dir {path}: cannot write there ({exc.strerror or exc})") from None
 
 
-def _check_ckpt(ckpt: Path) -> None:
-    from ..checkpoint import CHECKPOINT_STEMS, TOKENIZER_FILE, CheckpointError, find_checkpoint_file
+def _families(args: argparse.Namespace) -> tuple[str, ...]:
     from ..cli_common import UsageError
+
+    names = [n.strip() for item in (args.model or [DEFAULT_FAMILY]) for n in item.split(",") if n.strip()]
+    unknown = [n for n in names if n not in FAMILIES]
+    if unknown or not names:
+        raise UsageError(f"--model {', '.join(unknown) or '(empty)'}: choose from {', '.join(FAMILIES)}")
+    return tuple(dict.fromkeys(names))
+
+
+def _checkpoints(args: argparse.Namespace, families: tuple[str, ...]) -> dict[str, Path]:
+    """``--ckpt [MODEL=]DIR`` -> the directory of each family (all of them, or none)."""
+    from ..cli_common import UsageError
+
+    dirs: dict[str, Path] = {}
+    for item in args.ckpt or []:
+        name, sep, path = item.partition("=")
+        if not sep or name not in FAMILIES:  # a bare directory (may itself contain "=")
+            if len(families) > 1:
+                raise UsageError(f"--ckpt {item}: with several --model, name each one's directory as MODEL=DIR")
+            name, path = families[0], item
+        if name not in families:
+            raise UsageError(f"--ckpt {item}: {name} is not among the served models ({', '.join(families)})")
+        if name in dirs:
+            raise UsageError(f"--ckpt: two directories for {name}")
+        dirs[name] = Path(path).expanduser()
+    if dirs and set(dirs) != set(families):
+        raise UsageError(f"--ckpt: no directory for {', '.join(f for f in families if f not in dirs)}")
+    return dirs
+
+
+def _check_ckpt(ckpt: Path, family: str) -> None:
+    from ..checkpoint import CheckpointError, find_checkpoint_file
+    from ..cli_common import UsageError
+    from ..family import checkpoint_stems, missing_tokenizer
 
     if not ckpt.is_dir():
         raise UsageError(f"--ckpt {ckpt} is not a directory")
     try:
-        for stem in CHECKPOINT_STEMS:
+        for stem in checkpoint_stems(family):
             find_checkpoint_file(ckpt, stem)
     except CheckpointError as exc:
-        raise UsageError(f"checkpoint {exc}") from None
-    if not (ckpt / TOKENIZER_FILE).is_file():
-        raise UsageError(f"checkpoint {ckpt}: {TOKENIZER_FILE} not found")
+        raise UsageError(f"checkpoint (--model {family}) {exc}") from None
+    missing = missing_tokenizer(family, ckpt)
+    if missing is not None:
+        raise UsageError(f"checkpoint {ckpt}: {missing} not found")
 
 
-def prepare(args: argparse.Namespace) -> tuple[ServerConfig, ModelSpec]:
+def prepare(args: argparse.Namespace) -> tuple[ServerConfig, tuple[ModelSpec, ...]]:
     """Everything checked before the model loads; raises ``UsageError`` naming the problem."""
     from ..cli_common import UsageError, parse_chunk_size
     from ..optim.config import OptConfig
@@ -152,15 +198,18 @@ def prepare(args: argparse.Namespace) -> tuple[ServerConfig, ModelSpec]:
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise UsageError(f"{option} must be {bound}, got {value}")
-    if args.ckpt is not None:
-        _check_ckpt(args.ckpt)
-    source = "local" if args.ckpt else "pretrained" if args.pretrained else "tiny" if args.tiny else "synthetic"
+    families = _families(args)
+    ckpts = _checkpoints(args, families)
+    for family, ckpt in ckpts.items():
+        _check_ckpt(ckpt, family)
+    source = "local" if ckpts else "pretrained" if args.pretrained else "tiny" if args.tiny else "synthetic"
     voices_dir = args.voices_dir or default_voices_dir()
     _check_voices_dir(voices_dir)
     keys = tuple(dict.fromkeys([*(k.strip() for k in args.api_key if k.strip()), *keys_from_env()]))
     try:
-        spec = ModelSpec(source=source, ckpt=str(args.ckpt) if args.ckpt else None, devices=_devices(args),
-                         opt=args.opt)
+        devices = _devices(args)
+        specs = tuple(ModelSpec(source=source, ckpt=str(ckpts[f]) if ckpts else None, devices=devices, opt=args.opt,
+                                family=f) for f in families)
         cfg = ServerConfig(host=args.host, port=args.port, api_keys=keys, voices_dir=str(voices_dir),
                            max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                            max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,
@@ -168,21 +217,21 @@ def prepare(args: argparse.Namespace) -> tuple[ServerConfig, ModelSpec]:
                            context_window=args.context_window, watermark=False if args.no_watermark else None)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return cfg, spec
+    return cfg, specs
 
 
-def serve(cfg: ServerConfig, spec: ModelSpec) -> int:
-    """Run the server until interrupted; 1 if the model failed to load."""
+def serve(cfg: ServerConfig, specs: tuple[ModelSpec, ...]) -> int:
+    """Run the server until interrupted; 1 if a model failed to load."""
     import uvicorn
 
     from .app import create_app
     from .loading import load_engines
     from .service import SpeechService
 
-    if spec.source == "synthetic":
+    if specs[0].source == "synthetic":
         log.warning("no checkpoint given (--ckpt DIR or --pretrained): serving the SYNTHETIC checkpoint; "
                     "the audio is NOT speech")
-    service = SpeechService(cfg, loader=lambda: load_engines(spec))
+    service = SpeechService(cfg, loader=lambda: load_engines(specs), families=tuple(s.family for s in specs))
     failures: list[BaseException] = []
     server: uvicorn.Server | None = None
 
@@ -194,8 +243,9 @@ def serve(cfg: ServerConfig, spec: ModelSpec) -> int:
     app = create_app(service, on_load_failure=failed)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None,
                                            timeout_graceful_shutdown=cfg.shutdown_grace_s))
-    log.info("listening on http://%s:%d (model loading; GET /health is 200 once ready); auth %s; voices in %s",
-             cfg.host, cfg.port, "on" if cfg.auth_required else "off", cfg.voices_dir)
+    log.info("listening on http://%s:%d (models %s loading; GET /health is 200 once ready); auth %s; voices in %s",
+             cfg.host, cfg.port, ", ".join(cfg.family_model_name(s.family) for s in specs),
+             "on" if cfg.auth_required else "off", cfg.voices_dir)
     server.run()
     if failures:
         raise RuntimeError(f"the model failed to load: {failures[0]}")

@@ -9,13 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.request import SynthesisRequest
+from ..family import DEFAULT_FAMILY, check_family
 
 MODEL_SOURCES = ("synthetic", "pretrained", "local", "tiny")
 # OpenAI's built-in voice names: a request naming one gets the default voice unless a stored voice
 # carries that name.
 OPENAI_VOICES = ("alloy", "ash", "ballad", "cedar", "coral", "echo", "fable", "marin", "nova", "onyx", "sage",
                  "shimmer", "verse")
-# Model names OpenAI clients send; all of them are served by the one model.
+# Model names OpenAI clients send; they are served by the server's default model (the first loaded).
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 API_KEYS_ENV = "CHATTERBOX_API_KEYS"
 MIB = 1024 * 1024
@@ -35,16 +36,19 @@ def keys_from_env(environ: dict | None = None) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model each engine loads. ``source``: ``synthetic`` (full size, weights are noise, not
-    speech), ``pretrained`` (the published checkpoint from the hub), ``local`` (``ckpt`` directory)
-    or ``tiny`` (tiny random models for tests). One engine is built per entry of ``devices``."""
+    """Which model each engine loads. ``family``: ``original``, ``turbo`` or ``nano``; ``source``:
+    ``synthetic`` (full size, weights are noise, not speech), ``pretrained`` (the published checkpoint
+    from the hub), ``local`` (``ckpt`` directory) or ``tiny`` (tiny random models for tests). One
+    engine is built per entry of ``devices``; a server loads one spec per model family it serves."""
 
     source: str = "synthetic"
     ckpt: str | None = None
     devices: tuple[str, ...] = ("cpu",)
     opt: str = "reference"
+    family: str = DEFAULT_FAMILY
 
     def __post_init__(self) -> None:
+        check_family(self.family)
         if self.source not in MODEL_SOURCES:
             raise ValueError(f"source must be one of {MODEL_SOURCES}, got {self.source!r}")
         if (self.source == "local") != (self.ckpt is not None):
@@ -118,9 +122,18 @@ class ServerConfig:
     def replace(self, **changes) -> "ServerConfig":
         return dataclasses.replace(self, **changes)
 
-    @property
-    def model_names(self) -> tuple[str, ...]:
-        return (self.model_name, *self.model_aliases)
+    def family_model_name(self, family: str) -> str:
+        """The name requests use for ``family``: ``model_name`` for the original model, then
+        ``model_name-turbo`` and ``model_name-nano``."""
+        return self.model_name if check_family(family) == DEFAULT_FAMILY else f"{self.model_name}-{family}"
+
+    def served_names(self, families: tuple[str, ...]) -> dict[str, str]:
+        """Every model name a server of ``families`` answers to -> its family: each family's own name,
+        then OpenAI's names for the first (the default)."""
+        names = {self.family_model_name(f): f for f in families}
+        for alias in self.model_aliases:
+            names.setdefault(alias, families[0])
+        return names
 
     @property
     def engine_chunk_size(self) -> int | tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""Building the server's engines from a ``ModelSpec`` (one ``ChatterboxTTS`` per device) and warming
+"""Building the server's engines from ``ModelSpec``s (one model per device and family) and warming
 them up, so that the first real request does not pay for lazy initialisation or graph capture."""
 from __future__ import annotations
 
@@ -6,22 +6,34 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 from ..constants import S3GEN_SR
 from ..engine.request import SynthesisRequest
+from ..family import is_turbo, load
 from ..optim.config import OptConfig
 from .config import ModelSpec, ServerConfig
 
 log = logging.getLogger(__name__)
 
 
-def _tiny(device: str, opt: OptConfig):
-    """Tiny random models (tests and smoke checks; the audio means nothing)."""
+def _tiny(device: str, opt: OptConfig, family: str):
+    """Tiny random models of ``family`` (tests and smoke checks; the audio means nothing)."""
+    from ..voice import synthetic_reference
+
+    if is_turbo(family):
+        from ..loader_turbo import build_tiny_turbo_models
+        from ..tts_turbo import SYNTHETIC_REFERENCE_SECONDS, ChatterboxTurboTTS
+
+        m = build_tiny_turbo_models()
+        tts = ChatterboxTurboTTS(m.t3, m.s3gen, m.ve, m.tokenizer, device, opt=opt, synthetic=True)
+        tts.family = family
+        tts.prepare_conditionals(synthetic_reference(seconds=SYNTHETIC_REFERENCE_SECONDS), sample_rate=S3GEN_SR)
+        return tts
     from ..loader import build_tiny_models
     from ..text import EnTokenizer
     from ..text_vocab import write_tokenizer_json
     from ..tts import ChatterboxTTS
-    from ..voice import synthetic_reference
 
     models = build_tiny_models()
     with tempfile.TemporaryDirectory() as tmp:
@@ -32,29 +44,27 @@ def _tiny(device: str, opt: OptConfig):
 
 
 def load_one(spec: ModelSpec, device: str):
-    from ..tts import ChatterboxTTS
-
     opt = OptConfig.parse(spec.opt)
-    if spec.source == "synthetic":
-        return ChatterboxTTS.from_synthetic(device, opt=opt)
-    if spec.source == "pretrained":
-        return ChatterboxTTS.from_pretrained(device, opt=opt)
-    if spec.source == "local":
-        return ChatterboxTTS.from_local(spec.ckpt, device, opt=opt)
-    return _tiny(device, opt)
+    if spec.source == "tiny":
+        return _tiny(device, opt, spec.family)
+    return load(spec.family, device, opt=opt, ckpt=spec.ckpt, pretrained=spec.source == "pretrained")
 
 
-def load_engines(spec: ModelSpec) -> list:
-    """One model per entry of ``spec.devices``, loaded one after another."""
+def load_engines(specs: ModelSpec | Sequence[ModelSpec]) -> list:
+    """One model per device of each spec (one spec per model family), loaded one after another; each
+    model's ``family`` says which requests it serves."""
+    specs = (specs,) if isinstance(specs, ModelSpec) else tuple(specs)
     engines = []
-    for device in spec.devices:
-        start = time.perf_counter()
-        tts = load_one(spec, device)
-        log.info("engine %d loaded on %s in %.1f s (%s, opt %s)", len(engines), device,
-                 time.perf_counter() - start, spec.source, spec.opt)
-        if tts.conds is None:
-            log.warning("the checkpoint has no built-in voice (conds.pt): requests must name a stored voice")
-        engines.append(tts)
+    for spec in specs:
+        for device in spec.devices:
+            start = time.perf_counter()
+            tts = load_one(spec, device)
+            log.info("engine %d (%s) loaded on %s in %.1f s (%s, opt %s)", len(engines), spec.family, device,
+                     time.perf_counter() - start, spec.source, spec.opt)
+            if tts.conds is None:
+                log.warning("the %s checkpoint has no built-in voice (conds.pt): its requests must name a stored "
+                            "voice", spec.family)
+            engines.append(tts)
     return engines
 
 

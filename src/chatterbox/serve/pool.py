@@ -1,9 +1,10 @@
 """Admission and placement: which engine runs a request, and whether it runs now, waits, or is refused.
 
 Each engine takes up to ``max_concurrent`` requests at once. A request goes to the least-loaded engine
-with a free slot (fewest running requests, then fewest started, so equal engines take turns); when
-none is free it waits in one FIFO queue of at most ``max_queue`` requests, and past that it is
-refused (``QueueFull``, a 429). State lives on the event loop's thread; worker threads hand slots
+of its model family with a free slot (fewest running requests, then fewest started, so equal engines
+take turns); when none is free it waits in one FIFO queue of at most ``max_queue`` requests (a slot
+that frees goes to the first waiter of that slot's family), and past that it is refused
+(``QueueFull``, a 429). State lives on the event loop's thread; worker threads hand slots
 back through ``release_threadsafe``.
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..family import DEFAULT_FAMILY
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,10 @@ class EngineSlot:
     capacity: int
     active: int = 0
     started: int = 0
+
+    @property
+    def family(self) -> str:
+        return getattr(self.tts, "family", DEFAULT_FAMILY)
 
     @property
     def name(self) -> str:
@@ -52,7 +59,8 @@ class EnginePool:
             raise ValueError("the pool needs at least one engine")
         self.slots = [EngineSlot(i, tts, max_concurrent) for i, tts in enumerate(engines)]
         self.max_queue = max_queue
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        # (family or None for any engine, future): the requests waiting for a slot, oldest first
+        self._waiters: collections.deque[tuple[str | None, asyncio.Future]] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -61,14 +69,22 @@ class EnginePool:
 
     @property
     def queued(self) -> int:
-        return sum(1 for f in self._waiters if not f.done())
+        return sum(1 for _, f in self._waiters if not f.done())
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families served, in the order their first engine was given."""
+        return tuple(dict.fromkeys(s.family for s in self.slots))
+
+    def first(self, family: str) -> EngineSlot | None:
+        return next((s for s in self.slots if s.family == family), None)
 
     @property
     def capacity(self) -> int:
         return sum(s.capacity for s in self.slots)
 
-    def _pick(self) -> EngineSlot | None:
-        free = [s for s in self.slots if s.active < s.capacity]
+    def _pick(self, family: str | None = None) -> EngineSlot | None:
+        free = [s for s in self.slots if s.active < s.capacity and (family is None or s.family == family)]
         return min(free, key=lambda s: (s.active / s.capacity, s.active, s.started, s.index)) if free else None
 
     def _grant(self, slot: EngineSlot, queued_s: float = 0.0) -> Lease:
@@ -76,36 +92,45 @@ class EnginePool:
         slot.started += 1
         return Lease(slot, queued_s)
 
-    def try_acquire(self) -> Lease | None:
-        """A slot now if one is free and nobody is waiting, else None (never queues)."""
-        slot = None if self.queued else self._pick()
+    def _waiting(self, family: str | None) -> bool:
+        """Whether a request that ``family``'s slots could serve is already waiting."""
+        return any(not f.done() and (family is None or want is None or want == family) for want, f in self._waiters)
+
+    def try_acquire(self, family: str | None = None) -> Lease | None:
+        """A slot of ``family`` (None: any) now if one is free and nobody it could serve is waiting,
+        else None (never queues)."""
+        slot = None if self._waiting(family) else self._pick(family)
         return self._grant(slot) if slot is not None else None
 
-    async def acquire(self) -> Lease:
-        """A slot, waiting in the queue when every engine is busy; ``QueueFull`` when the queue is too.
-        Cancelling the wait leaves the queue (or hands back a slot granted meanwhile)."""
+    async def acquire(self, family: str | None = None) -> Lease:
+        """A slot on an engine of ``family`` (None: any), waiting in the queue when they are all busy;
+        ``QueueFull`` when the queue is too. Cancelling the wait leaves the queue (or hands back a slot
+        granted meanwhile)."""
+        if family is not None and self.first(family) is None:
+            raise ValueError(f"no engine serves the model family {family!r}")
         self._loop = asyncio.get_running_loop()
-        lease = self.try_acquire()
+        lease = self.try_acquire(family)
         if lease is not None:
             return lease
         if self.queued >= self.max_queue:
             raise QueueFull(f"all {self.capacity} slots are busy and {self.queued} requests are queued")
         start = time.perf_counter()
         fut: asyncio.Future = self._loop.create_future()
-        self._waiters.append(fut)
+        entry = (family, fut)
+        self._waiters.append(entry)
         try:
             slot = await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
                 self.release(Lease(fut.result()))
             else:
-                self._forget(fut)
+                self._forget(entry)
             raise
         return Lease(slot, time.perf_counter() - start)
 
-    def _forget(self, fut: asyncio.Future) -> None:
+    def _forget(self, entry: tuple[str | None, asyncio.Future]) -> None:
         try:
-            self._waiters.remove(fut)
+            self._waiters.remove(entry)
         except ValueError:
             pass
 
@@ -128,17 +153,21 @@ class EnginePool:
             self.release(lease)
 
     def _wake(self) -> None:
-        while self._waiters:
-            slot = self._pick()
-            if slot is None:
-                return
-            fut = self._waiters.popleft()
+        """Hand free slots to the waiters, oldest first; a waiter whose family has no free slot keeps
+        its place without holding up the others."""
+        for entry in list(self._waiters):
+            family, fut = entry
             if fut.done():
+                self._forget(entry)
                 continue
+            slot = self._pick(family)
+            if slot is None:
+                continue
+            self._forget(entry)
             slot.active += 1
             slot.started += 1
             fut.set_result(slot)
 
     def describe(self) -> list[dict]:
-        return [{"engine": s.name, "active": s.active, "capacity": s.capacity, "started": s.started}
-                for s in self.slots]
+        return [{"engine": s.name, "model_family": s.family, "active": s.active, "capacity": s.capacity,
+                 "started": s.started} for s in self.slots]

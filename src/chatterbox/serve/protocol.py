@@ -10,14 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
 from ..engine.request import MAX_SEED, SynthesisRequest
+from ..family import DEFAULT_FAMILY, request_defaults
 from .config import ServerConfig
 from .errors import APIError, validation_error
 
 Number = Annotated[float, Field(allow_inf_nan=False)]
 STREAM_FORMATS = ("audio", "sse")
 SUPPORTED_SPEED = 1.0
-# The engine's own defaults for the Chatterbox extras.
-_DEFAULTS = SynthesisRequest("")
+# The Chatterbox extras that tune sampling; a request that leaves one out gets its model's default.
+SAMPLING_FIELDS = ("exaggeration", "cfg_weight", "temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 class VoiceRef(BaseModel):
@@ -28,7 +29,8 @@ class VoiceRef(BaseModel):
 
 
 class SpeechParams(BaseModel):
-    """``POST /v1/audio/speech``: OpenAI's fields, then Chatterbox's extras."""
+    """``POST /v1/audio/speech``: OpenAI's fields, then Chatterbox's extras (None: the model's default,
+    ``chatterbox.family.request_defaults``; Turbo and Nano ignore exaggeration, cfg_weight and min_p)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
     model: str
@@ -38,12 +40,13 @@ class SpeechParams(BaseModel):
     response_format: str | None = None
     speed: Number = SUPPORTED_SPEED
     stream_format: str = "audio"
-    exaggeration: Number = _DEFAULTS.exaggeration
-    cfg_weight: Number = _DEFAULTS.cfg_weight
-    temperature: Number = _DEFAULTS.temperature
-    top_p: Number = _DEFAULTS.top_p
-    min_p: Number = _DEFAULTS.min_p
-    repetition_penalty: Number = _DEFAULTS.repetition_penalty
+    exaggeration: Number | None = None
+    cfg_weight: Number | None = None
+    temperature: Number | None = None
+    top_p: Number | None = None
+    top_k: int | None = None
+    min_p: Number | None = None
+    repetition_penalty: Number | None = None
     seed: int | None = None
     max_new_tokens: int | None = None
 
@@ -105,7 +108,7 @@ def check_values(params: SpeechParams, cfg: ServerConfig, formats: tuple[str, ..
         raise APIError(400, f"speed {params.speed} is not supported: this server speaks at speed "
                             f"{SUPPORTED_SPEED} only", param="speed", code="unsupported_value")
     for name in ("exaggeration", "cfg_weight"):
-        if getattr(params, name) < 0:
+        if getattr(params, name) is not None and getattr(params, name) < 0:
             raise APIError(400, f"{name} must be >= 0, got {getattr(params, name)}", param=name,
                            code="invalid_value")
     if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
@@ -117,15 +120,16 @@ def check_values(params: SpeechParams, cfg: ServerConfig, formats: tuple[str, ..
     return fmt
 
 
-def synthesis_request(params: SpeechParams, cfg: ServerConfig, seed: int) -> SynthesisRequest:
-    """The engine request; the engine's own checks (sampling ranges) become 400s naming the field."""
+def synthesis_request(params: SpeechParams, cfg: ServerConfig, seed: int,
+                      family: str = DEFAULT_FAMILY) -> SynthesisRequest:
+    """The engine request for a model of ``family`` (its defaults fill the sampling settings the
+    request leaves out); the engine's own checks (sampling ranges) become 400s naming the field."""
+    given = {name: getattr(params, name) for name in SAMPLING_FIELDS if getattr(params, name) is not None}
     try:
         return SynthesisRequest(
-            params.input, exaggeration=params.exaggeration, cfg_weight=params.cfg_weight,
-            temperature=params.temperature, repetition_penalty=params.repetition_penalty, min_p=params.min_p,
-            top_p=params.top_p, max_new_tokens=params.max_new_tokens or cfg.max_new_tokens, seed=seed,
-            watermark=cfg.watermark, chunk_size=cfg.engine_chunk_size,
-            context_window=cfg.context_window)
+            params.input, **{**request_defaults(family), **given},
+            max_new_tokens=params.max_new_tokens or cfg.max_new_tokens, seed=seed, watermark=cfg.watermark,
+            chunk_size=cfg.engine_chunk_size, context_window=cfg.context_window)
     except (ValueError, TypeError) as exc:
         message = str(exc)
         field = message.split(" ", 1)[0]

@@ -60,10 +60,12 @@ class ChatterboxReplica:
     """One replica: a ``SpeechService`` on the replica's device, loaded and warmed up before Ray routes
     requests to it."""
 
-    def __init__(self, config: ServerConfig, spec: ModelSpec) -> None:
+    def __init__(self, config: ServerConfig, specs: ModelSpec | tuple[ModelSpec, ...]) -> None:
+        specs = (specs,) if isinstance(specs, ModelSpec) else tuple(specs)
         if ray.get_gpu_ids():  # Ray exposes the assigned GPU as the only visible one
-            spec = dataclasses.replace(spec, devices=("cuda",))
-        self.service = SpeechService(config, loader=lambda: load_engines(spec))
+            specs = tuple(dataclasses.replace(spec, devices=("cuda",)) for spec in specs)
+        self.service = SpeechService(config, loader=lambda: load_engines(specs),
+                                     families=tuple(s.family for s in specs))
         self.service.load()
 
     def __serve_build_asgi_app__(self):
@@ -74,8 +76,9 @@ class ChatterboxReplica:
             raise RuntimeError(f"speech service not ready: {self.service.state} {self.service.error or ''}")
 
 
-def build_application(config: ServerConfig, spec: ModelSpec, ray_cfg: RayConfig):
-    """The Ray Serve application (``serve.run`` it, or return it from an app builder)."""
+def build_application(config: ServerConfig, specs: ModelSpec | tuple[ModelSpec, ...], ray_cfg: RayConfig):
+    """The Ray Serve application (``serve.run`` it, or return it from an app builder); every replica
+    loads every model family of ``specs``."""
     deployment = serve.deployment(
         ChatterboxReplica, name=ray_cfg.deployment_name,
         ray_actor_options={"num_gpus": ray_cfg.gpus_per_replica, "num_cpus": ray_cfg.cpus_per_replica},
@@ -83,7 +86,7 @@ def build_application(config: ServerConfig, spec: ModelSpec, ray_cfg: RayConfig)
         autoscaling_config={"min_replicas": ray_cfg.min_replicas, "max_replicas": ray_cfg.max_replicas,
                             "initial_replicas": max(ray_cfg.min_replicas, 1),
                             "target_ongoing_requests": ray_cfg.target_ongoing_requests})
-    return deployment.bind(config, spec)
+    return deployment.bind(config, specs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def parse(argv: list[str]) -> tuple[argparse.Namespace, ServerConfig, ModelSpec, RayConfig]:
+def parse(argv: list[str]) -> tuple[argparse.Namespace, ServerConfig, tuple[ModelSpec, ...], RayConfig]:
     from ..cli import UsageError
     from .cli import prepare
 
@@ -113,14 +116,14 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, ServerConfig, ModelSpec,
         raise UsageError("on Ray each replica uses the GPU Ray assigns it: drop --device/--devices "
                          "(--gpus-per-replica 0 runs replicas on the CPU)")
     args.device = "cpu"  # replaced by the replica's GPU when Ray assigns one
-    config, spec = prepare(args)
+    config, specs = prepare(args)
     try:
         ray_cfg = RayConfig(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                             target_ongoing_requests=args.target_ongoing_requests,
                             gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return args, config, spec, ray_cfg
+    return args, config, specs, ray_cfg
 
 
 def args_to_argv(args: dict) -> list[str]:
@@ -140,8 +143,8 @@ def args_to_argv(args: dict) -> list[str]:
 
 def app_builder(args: dict):
     """For ``serve run chatterbox.serve.ray:app_builder key=value ...``."""
-    _, config, spec, ray_cfg = parse(args_to_argv(args))
-    return build_application(config, spec, ray_cfg)
+    _, config, specs, ray_cfg = parse(args_to_argv(args))
+    return build_application(config, specs, ray_cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,10 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def run(_) -> int:
-        args, config, spec, ray_cfg = parse(argv)
+        args, config, specs, ray_cfg = parse(argv)
         ray.init(address=args.address)
         serve.start(http_options={"host": config.host, "port": config.port})
-        serve.run(build_application(config, spec, ray_cfg), name=ray_cfg.app_name, route_prefix="/", blocking=True)
+        serve.run(build_application(config, specs, ray_cfg), name=ray_cfg.app_name, route_prefix="/", blocking=True)
         return 0
 
     return run_guarded(argparse.Namespace(debug="--debug" in argv), run)

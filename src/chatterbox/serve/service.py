@@ -1,5 +1,10 @@
 """The speech service: engines, admission, voices and metrics behind one async interface that knows
-nothing of HTTP (the app turns its results and ``APIError``s into responses)."""
+nothing of HTTP (the app turns its results and ``APIError``s into responses).
+
+A server may load several model families (original Chatterbox, Turbo, Nano): each request names its
+model (``chatterbox``, ``chatterbox-turbo``, ``chatterbox-nano``; OpenAI's names mean the first family
+loaded) and runs on an engine of that family, with that family's default sampling settings and a
+voice made by that family's front end."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +20,7 @@ import numpy as np
 
 from ..constants import S3GEN_SR
 from ..engine.request import SEED_RANGE, SynthesisRequest
+from ..family import DEFAULT_FAMILY, request_defaults
 from .config import ServerConfig
 from .encoders import available_formats
 from .errors import APIError
@@ -27,7 +33,6 @@ from .worker import Chunk, WorkerStream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EXAGGERATION = SynthesisRequest("").exaggeration
 
 
 class ClientGone(Exception):
@@ -39,6 +44,7 @@ class SpeechJob:
     """A validated speech request, ready to run."""
 
     request: SynthesisRequest
+    family: str  # the model family that runs it
     voice: str  # the built-in voice's id, or a stored voice's id
     response_format: str
     stream_format: str
@@ -84,11 +90,15 @@ class SpeechStream:
 
 
 class SpeechService:
-    def __init__(self, config: ServerConfig, loader: Callable[[], list]) -> None:
-        """``loader()`` returns the engines (``ChatterboxTTS`` objects, one per device); ``load()``
-        calls it and warms every engine up."""
+    def __init__(self, config: ServerConfig, loader: Callable[[], list],
+                 families: tuple[str, ...] | None = None) -> None:
+        """``loader()`` returns the engines (``ChatterboxTTS`` objects, one per device and family; each
+        object's ``family`` says which requests it serves); ``load()`` calls it and warms every engine
+        up. ``families``: the families the loader will bring, in order (the first is the default model),
+        for what is listed before loading ends; afterwards the engines' own families count."""
         self.config = config
         self.loader = loader
+        self._declared = tuple(families) if families else (DEFAULT_FAMILY,)
         self.sample_rate = S3GEN_SR
         self.voices = VoiceStore(config.voices_dir, config.voice_cache_size)
         self.voices.sweep(config.stale_upload_s)
@@ -146,25 +156,51 @@ class SpeechService:
                            headers={"Retry-After": str(self.config.retry_after_s)})
 
     # ------------------------------------------------------------------ names
+    @property
+    def families(self) -> tuple[str, ...]:
+        """The model families served, the default (OpenAI's model names) first."""
+        return self.pool.families if self.pool is not None else self._declared
+
+    def model_names(self) -> dict[str, str]:
+        """Every model name requests may use -> the family that serves it."""
+        return self.config.served_names(self.families)
+
     def resolve_model(self, name: str) -> str:
-        if name not in self.config.model_names:
-            raise APIError(404, f"model {name!r} does not exist; this server serves "
-                                f"{', '.join(self.config.model_names)}", param="model", code="model_not_found")
-        return self.config.model_name
+        """A model name -> its family (404 for a model this server does not serve)."""
+        names = self.model_names()
+        if name not in names:
+            raise APIError(404, f"model {name!r} does not exist; this server serves {', '.join(names)}",
+                           param="model", code="model_not_found")
+        return names[name]
 
-    def _builtin_available(self) -> bool:
-        return self.pool is not None and self.pool.slots[0].tts.conds is not None
+    def _model(self, family: str):
+        """The first loaded model of ``family`` (its tokenizer, engine and built-in voice)."""
+        return self.pool.first(family).tts
 
-    def resolve_voice(self, name: str) -> str:
-        """A voice name or id -> the built-in voice's id or a stored voice's id (404 otherwise)."""
+    def _builtin_available(self, family: str | None = None) -> bool:
+        """Whether ``family`` (None: any family served) has a built-in voice."""
+        if self.pool is None:
+            return False
+        return any(self._model(f).conds is not None for f in ((family,) if family else self.pool.families))
+
+    def resolve_voice(self, name: str, family: str = DEFAULT_FAMILY) -> str:
+        """A voice name or id -> the built-in voice's id or the id of a stored voice made for ``family``
+        (404 when there is none, 400 when it was made for another family). A stored voice that carries
+        an OpenAI voice name stands in for the built-in voice of its own family only."""
         builtin = self.config.default_voice
         stored = None if name == builtin else self.voices.find(name)
-        if stored is not None:
+        if stored is not None and stored.family == family:
             return stored.id
+        if stored is not None and name not in self.config.openai_voices:
+            raise APIError(400, f"voice {stored.name!r} was made for the model "
+                                f"{self.config.family_model_name(stored.family)} and cannot speak for "
+                                f"{self.config.family_model_name(family)} (each model makes its own voices: upload "
+                                f"the reference again with model={self.config.family_model_name(family)})",
+                           param="voice", code="voice_model_mismatch")
         if name == builtin or name in self.config.openai_voices:
-            if not self._builtin_available():
-                raise APIError(404, "this checkpoint has no built-in voice; upload one with POST /v1/voices",
-                               param="voice", code="voice_not_found")
+            if not self._builtin_available(family):
+                raise APIError(404, f"the {self.config.family_model_name(family)} checkpoint has no built-in "
+                                    "voice; upload one with POST /v1/voices", param="voice", code="voice_not_found")
             return builtin
         raise APIError(404, f"voice {name!r} not found (GET /v1/voices lists them)", param="voice",
                        code="voice_not_found")
@@ -172,8 +208,9 @@ class SpeechService:
     def builtin_voice(self) -> VoiceInfo:
         shadowed = {v.name for v in self.voices.list()}
         aliases = [n for n in self.config.openai_voices if n not in shadowed]
+        models = [self.config.family_model_name(f) for f in self.families if self._builtin_available(f)]
         return VoiceInfo(id=self.config.default_voice, name=self.config.default_voice, created_at=self.created,
-                         source={"aliases": aliases}, built_in=True)
+                         source={"aliases": aliases, "models": models}, built_in=True, family=None)
 
     def list_voices(self) -> list[VoiceInfo]:
         return ([self.builtin_voice()] if self._builtin_available() else []) + self.voices.list()
@@ -190,23 +227,25 @@ class SpeechService:
     def plan(self, params: SpeechParams, arrived: float) -> SpeechJob:
         """Validate a speech request against this server (400/404) and resolve its names."""
         self.require_ready()
-        self.resolve_model(params.model)
+        family = self.resolve_model(params.model)
         fmt = check_values(params, self.config, self.formats)
-        voice = self.resolve_voice(params.voice_name)
-        engine = self.pool.slots[0].tts.engine
+        voice = self.resolve_voice(params.voice_name, family)
+        engine = self._model(family).engine
         try:
             engine.text_segments(params.input)
         except ValueError as exc:
             raise APIError(400, str(exc), param="input", code="invalid_input") from None
         seed = params.seed if params.seed is not None else self._rng.randrange(SEED_RANGE)
-        return SpeechJob(request=synthesis_request(params, self.config, seed), voice=voice, response_format=fmt,
+        return SpeechJob(request=synthesis_request(params, self.config, seed, family), family=family, voice=voice,
+                         response_format=fmt,
                          stream_format=params.stream_format, input_tokens=engine.count_text_tokens(params.input),
                          instructions_ignored=bool(params.instructions), arrived=arrived)
 
-    async def admit(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> Lease:
-        """A slot on the least-loaded engine, waiting in the queue if needed (429 when it is full;
-        ``ClientGone`` when ``is_disconnected()`` turns true while waiting)."""
-        task = asyncio.ensure_future(self.pool.acquire())
+    async def admit(self, is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+                    family: str | None = None) -> Lease:
+        """A slot on the least-loaded engine of ``family`` (None: any), waiting in the queue if needed
+        (429 when it is full; ``ClientGone`` when ``is_disconnected()`` turns true while waiting)."""
+        task = asyncio.ensure_future(self.pool.acquire(family))
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.config.disconnect_poll_s)
@@ -224,11 +263,6 @@ class SpeechService:
             task.cancel()
             raise
 
-    def _voice_conds(self, voice: str, lease: Lease):
-        if voice == self.config.default_voice:
-            return lease.slot.tts.conds
-        return self.voices.conditionals(voice)
-
     async def open(self, job: SpeechJob,
                    is_disconnected: Callable[[], Awaitable[bool]] | None = None) -> SpeechStream:
         """Admit ``job`` and start it; its audio comes from the returned stream's ``chunks()``."""
@@ -238,7 +272,7 @@ class SpeechService:
                 stored = await asyncio.to_thread(self.voices.conditionals, job.voice)
             except VoiceNotFound:
                 raise APIError(404, f"voice {job.voice!r} was deleted", param="voice", code="voice_not_found") from None
-        lease = await self.admit(is_disconnected)
+        lease = await self.admit(is_disconnected, job.family)
         engine = lease.slot.tts.engine
         conds = stored if stored is not None else lease.slot.tts.conds
         worker: WorkerStream | None = None
@@ -255,26 +289,30 @@ class SpeechService:
         return SpeechStream(self, job, lease, worker)
 
     # ------------------------------------------------------------------ voices
-    async def create_voice(self, name: str, audio: np.ndarray, sample_rate: int, source: dict) -> VoiceInfo:
-        """Make a voice from reference audio ((L,) or (L, C) float32) on the least-loaded engine and store it."""
+    async def create_voice(self, name: str, audio: np.ndarray, sample_rate: int, source: dict,
+                           model: str | None = None) -> VoiceInfo:
+        """Make a voice for ``model`` (default: the default model) from reference audio ((L,) or (L, C)
+        float32) on the least-loaded engine of its family, and store it with the family."""
         self.require_ready()
+        family = self.families[0] if model is None else self.resolve_model(model)
         try:
             name = check_name(name, self.config.max_voice_name_chars, (self.config.default_voice,))
         except ValueError as exc:
             raise APIError(400, str(exc), param="name", code="invalid_name") from None
         if self.voices.find(name) is not None:
             raise APIError(409, f"a voice named {name!r} already exists", param="name", code="voice_exists")
-        lease = await self.admit()
+        lease = await self.admit(family=family)
+        exaggeration = SynthesisRequest("", **request_defaults(family)).exaggeration
         try:
             engine = lease.slot.tts.engine
-            conds = await asyncio.to_thread(engine.prepare_conditionals, audio, DEFAULT_EXAGGERATION, sample_rate)
+            conds = await asyncio.to_thread(engine.prepare_conditionals, audio, exaggeration, sample_rate)
         except ValueError as exc:
             raise APIError(400, f"the uploaded audio cannot be used as a voice: {exc}", param="file",
                            code="invalid_audio") from None
         finally:
             self.pool.release(lease)
         try:
-            return await asyncio.to_thread(self.voices.create, name, conds, source)
+            return await asyncio.to_thread(self.voices.create, name, conds, source, family)
         except VoiceNameTaken as exc:
             raise APIError(409, str(exc), param="name", code="voice_exists") from None
 

@@ -26,6 +26,7 @@ class VoiceUpload:
     audio: np.ndarray  # (L, C) float32
     sample_rate: int
     source: dict
+    model: str | None = None  # the model the voice is for (None: the server's default model)
 
 
 def _replay(body: bytes):
@@ -68,7 +69,8 @@ def decode_audio(data: bytes, max_seconds: float) -> tuple[np.ndarray, int, dict
 
 
 async def read_voice_upload(request: Request, cfg: ServerConfig) -> VoiceUpload:
-    """``POST /v1/voices``: multipart with ``name`` and ``file`` (or ``audio_sample``)."""
+    """``POST /v1/voices``: multipart with ``name`` and ``file`` (or ``audio_sample``), and optionally
+    ``model`` (the model whose front end makes the voice; the server's default model without it)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise APIError(400, "send the voice as multipart/form-data with the fields 'name' and 'file'",
                        code="invalid_content_type")
@@ -81,6 +83,9 @@ async def read_voice_upload(request: Request, cfg: ServerConfig) -> VoiceUpload:
         name = form.get("name")
         if not isinstance(name, str):
             raise APIError(400, "the form needs a text field 'name'", param="name", code="missing_field")
+        model = form.get("model")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, "the field 'model' must be text (a model name)", param="model", code="invalid_value")
         upload = next((form.get(f) for f in FILE_FIELDS if isinstance(form.get(f), UploadFile)), None)
         if upload is None:
             raise APIError(400, "the form needs a file field 'file' holding the reference audio", param="file",
@@ -88,6 +93,6 @@ async def read_voice_upload(request: Request, cfg: ServerConfig) -> VoiceUpload:
         data = await upload.read()
         audio, rate, facts = decode_audio(data, cfg.max_voice_seconds)
         facts["filename"] = (upload.filename or "")[:MAX_FILENAME_CHARS]
-        return VoiceUpload(name=name, audio=audio, sample_rate=rate, source=facts)
+        return VoiceUpload(name=name, audio=audio, sample_rate=rate, source=facts, model=model)
     finally:
         await form.close()

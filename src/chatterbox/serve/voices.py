@@ -1,5 +1,7 @@
 """Stored voices: one directory per voice under ``voices_dir``, holding ``conds.pt`` (the prepared
-conditionals, upstream's format) and ``voice.json`` (id, name, when, what was uploaded).
+conditionals, upstream's format) and ``voice.json`` (id, name, when, what was uploaded, and the model
+family whose front end made it: a voice serves only that family, since the families' conditionals
+differ; voices stored before families existed are the original model's).
 
 Nothing a user stored is lost or half-written: a voice is written into a hidden temporary directory
 beside the others, flushed to disk, and renamed into place in one step; deleting renames it away
@@ -22,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..conditionals import Conditionals
+from ..family import DEFAULT_FAMILY
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class VoiceInfo:
     built_in: bool = False
     object: str = "voice"
     version: int = META_VERSION
+    family: str | None = DEFAULT_FAMILY  # the model family it was made for (None: the built-in voice of each)
 
     def public(self) -> dict:
         return asdict(self)
@@ -123,7 +127,7 @@ class VoiceStore:
         try:
             raw = json.loads(meta.read_text())
             info = VoiceInfo(id=voice_id, name=str(raw["name"]), created_at=int(raw["created_at"]),
-                             source=dict(raw.get("source") or {}))
+                             source=dict(raw.get("source") or {}), family=str(raw.get("family", DEFAULT_FAMILY)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("voice %s: unreadable %s (%s); skipped", voice_id, META_FILE, exc)
             raise VoiceNotFound(voice_id) from None
@@ -170,13 +174,13 @@ class VoiceStore:
         return conds
 
     # ------------------------------------------------------------------ writing
-    def create(self, name: str, conds: Conditionals, source: dict) -> VoiceInfo:
-        """Store a voice under a new id (atomically). Raises ``VoiceNameTaken``."""
+    def create(self, name: str, conds: Conditionals, source: dict, family: str = DEFAULT_FAMILY) -> VoiceInfo:
+        """Store a voice made by ``family``'s front end under a new id (atomically). Raises ``VoiceNameTaken``."""
         with self._lock:
             if any(v.name == name for v in self.list()):
                 raise VoiceNameTaken(f"a voice named {name!r} already exists")
             voice_id = f"voice_{secrets.token_hex(_ID_BYTES)}"
-            info = VoiceInfo(id=voice_id, name=name, created_at=int(time.time()), source=dict(source))
+            info = VoiceInfo(id=voice_id, name=name, created_at=int(time.time()), source=dict(source), family=family)
             tmp = self.root / f"{_TMP_PREFIX}{voice_id}"
             tmp.mkdir()
             try:
