@@ -239,16 +239,18 @@ def main(argv: list[str] | None = None) -> int:
         run_one(make_requests(1, args.seed + 1)[0])  # warm: graphs, compiled code, allocator
     streams = [1, 2] if args.quick else [int(n) for n in args.streams.split(",")]
     rows = {}
+    opt = "reference" if args.quick else args.opt
+    result = {"schema": SCHEMA, "model": args.model, "mode": "http" if args.http else "in-process", "opt": opt,
+              "s3gen_batch": args.s3gen_batch, "env": environment(device, args.commit), "chunk_size": chunk_size,
+              "ttfa_budget_s": args.ttfa_budget, "rows": rows, "capacity": None}
     for n in streams:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         results, wall = closed_loop(run_one, n, 1 if args.quick else args.requests, args.seed + n)
         rows[str(n)] = summarize(results, wall, device)
         log.info("%d streams: %s", n, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[str(n)].items()})
-    opt = "reference" if args.quick else args.opt
-    result = {"schema": SCHEMA, "model": args.model, "mode": "http" if args.http else "in-process", "opt": opt,
-              "s3gen_batch": args.s3gen_batch, "env": environment(device, args.commit), "chunk_size": chunk_size,
-              "ttfa_budget_s": args.ttfa_budget, "rows": rows, "capacity": capacity(rows, args.ttfa_budget)}
+        result["capacity"] = capacity(rows, args.ttfa_budget)
+        write(result, Path(args.out))  # after every level: a run cut short keeps what it measured
     if args.rate:
         results, wall = open_loop(run_one, args.rate, args.duration, args.seed)
         result["open_loop"] = {"rate": args.rate, "duration_s": args.duration, **summarize(results, wall, device)}
