@@ -60,6 +60,21 @@ class EngineConfig:
         return cls()
 
 
+# torch.compile(dynamic=False) compiles once per input shape; T3's compiled pieces see one shape per
+# decode batch bucket (and a few more for prefill), and with fullgraph=True going past dynamo's
+# recompile limit is a hard error, so the engine raises the limit to cover its buckets.
+COMPILE_SHAPES_BASE = 8
+COMPILE_SHAPES_PER_BUCKET = 4
+
+
+def _allow_recompiles(buckets: int) -> None:
+    import torch._dynamo.config as dynamo_config
+
+    needed = COMPILE_SHAPES_BASE + COMPILE_SHAPES_PER_BUCKET * buckets
+    if dynamo_config.recompile_limit < needed:
+        dynamo_config.recompile_limit = needed
+
+
 def _graph_safe_compile(fn, mode: str):
     """``torch.compile`` for code that runs inside the engine's own CUDA graphs: the modes that would
     capture graphs of their own run as their no-cudagraphs equivalents."""
@@ -159,6 +174,8 @@ class Engine:
         opt, t3 = self.opt, self.models.t3
         fused = self._fused_decoder()
         compiled = opt.t3.compile is not None and self.device.type == "cuda"
+        if compiled and opt.t3_batching:
+            _allow_recompiles(len(self.cfg.t3.batch_buckets))
         pick = _graph_safe_compile(default_pick, opt.t3.compile) if compiled and fused is not None else default_pick
         if opt.t3.compile is not None and fused is None:
             path = component_specs()["t3"].path + ".tfmr"
