@@ -60,17 +60,17 @@ class EngineConfig:
         return cls()
 
 
-# torch.compile(dynamic=False) compiles once per input shape; T3's compiled pieces see one shape per
-# decode batch bucket (and a few more for prefill), and with fullgraph=True going past dynamo's
-# recompile limit is a hard error, so the engine raises the limit to cover its buckets.
-COMPILE_SHAPES_BASE = 8
-COMPILE_SHAPES_PER_BUCKET = 4
+# torch.compile(dynamic=False) compiles once per input shape. T3's compiled pieces see one shape per
+# decode batch bucket and one per captured prefill length; with fullgraph=True, going past dynamo's
+# recompile limit (8 by default) is a hard error, so the engine raises the limit to cover its shapes
+# with this margin on top (eager prefills of prompts longer than the captured ones add shapes).
+COMPILE_SHAPES_MARGIN = 16
 
 
-def _allow_recompiles(buckets: int) -> None:
+def _allow_recompiles(shapes: int) -> None:
     import torch._dynamo.config as dynamo_config
 
-    needed = COMPILE_SHAPES_BASE + COMPILE_SHAPES_PER_BUCKET * buckets
+    needed = shapes + COMPILE_SHAPES_MARGIN
     if dynamo_config.recompile_limit < needed:
         dynamo_config.recompile_limit = needed
 
@@ -174,8 +174,9 @@ class Engine:
         opt, t3 = self.opt, self.models.t3
         fused = self._fused_decoder()
         compiled = opt.t3.compile is not None and self.device.type == "cuda"
-        if compiled and opt.t3_batching:
-            _allow_recompiles(len(self.cfg.t3.batch_buckets))
+        if compiled:
+            t3_cfg = self.cfg.t3
+            _allow_recompiles(len(t3_cfg.batch_buckets) + t3_cfg.max_prefill // t3_cfg.prefill_bucket)
         pick = _graph_safe_compile(default_pick, opt.t3.compile) if compiled and fused is not None else default_pick
         if opt.t3.compile is not None and fused is None:
             path = component_specs()["t3"].path + ".tfmr"
