@@ -20,7 +20,7 @@ from chatterbox.models.s3gen.flow import FlowConfig
 from chatterbox.models.s3gen.hift import HiFTConfig
 from chatterbox.models.s3gen.kaldi_fbank import KaldiFbankConfig, kaldi_fbank
 from chatterbox.models.s3gen.s3gen import S3Gen, S3GenConfig
-from chatterbox.models.s3gen.xvector import CAMPPlus, CAMPPlusConfig, campplus_features
+from chatterbox.models.s3gen.xvector import CAMPPlusConfig, campplus_features
 from chatterbox.models.s3tokenizer import S3TokenizerConfig
 from chatterbox.models.voice_encoder import DEFAULT_TRIM_TOP_DB, VoiceEncoder, VoiceEncoderConfig
 from chatterbox.nn.transfer import host_to_device
