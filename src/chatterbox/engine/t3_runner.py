@@ -40,7 +40,7 @@ class T3RunnerConfig:
     window: int = 128  # decode graphs cover the KV cache in multiples of this many slots
     prefill_bucket: int = 32  # prompts are padded to a multiple of this (one prefill graph each)
     max_prefill: int = 512  # the longest prompt with a captured prefill; longer ones prefill eagerly
-    capture_at_build: bool = True  # capture the default graphs when the runner is built
+    capture_at_build: bool = True  # capture the default sampling's graphs, every bucket, at build
     # requests per decode step the graphed runner captures (the engine's batcher picks the bucket;
     # without OptConfig.t3_batching only 1 is used)
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -162,8 +162,9 @@ class GraphedT3Runner:
         self._slots_host = [-1] * self.max_batch
         self._free = list(range(cfg.slots))
         self._slot_ready = threading.Condition(threading.Lock())
-        if cfg.capture_at_build:
-            self.capture(default_proc or RowProcessing())
+        if cfg.capture_at_build:  # every batch bucket, as compiled code and graphs: none is made mid-request
+            for batch in self.buckets:
+                self.capture(default_proc or RowProcessing(), batch)
 
     # ------------------------------------------------------------------ graphs
     def windows(self) -> list[int]:
