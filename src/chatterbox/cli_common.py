@@ -122,12 +122,11 @@ def check_voice(path: Path, model: str = "original") -> None:
                          f"longer than {shortest:g} s")
 
 
-def check_ckpt(args: argparse.Namespace) -> None:
-    """``--ckpt`` holds the weights and tokenizer files of ``--model`` (and a voice, unless ``--voice``)."""
-    from .checkpoint import CONDS_FILE, CheckpointError, find_checkpoint_file
+def check_ckpt_files(ckpt: Path, model: str) -> None:
+    """``ckpt`` is a directory with the weights and tokenizer files of ``model``'s family."""
+    from .checkpoint import CheckpointError, find_checkpoint_file
     from .family import checkpoint_stems, missing_tokenizer
 
-    ckpt, model = args.ckpt, getattr(args, "model", "original")
     if not ckpt.exists():
         raise UsageError(f"checkpoint directory not found: --ckpt {ckpt}")
     if not ckpt.is_dir():
@@ -140,6 +139,14 @@ def check_ckpt(args: argparse.Namespace) -> None:
     missing = missing_tokenizer(model, ckpt)
     if missing is not None:
         raise UsageError(f"checkpoint {ckpt}: {missing} not found")
+
+
+def check_ckpt(args: argparse.Namespace) -> None:
+    """``--ckpt`` holds the weights and tokenizer files of ``--model`` (and a voice, unless ``--voice``)."""
+    from .checkpoint import CONDS_FILE
+
+    ckpt, model = args.ckpt, getattr(args, "model", "original")
+    check_ckpt_files(ckpt, model)
     if args.voice is None and not (ckpt / CONDS_FILE).is_file():
         raise UsageError(f"checkpoint {ckpt} has no built-in voice ({CONDS_FILE}); pass --voice ref.wav")
 

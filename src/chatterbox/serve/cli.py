@@ -159,26 +159,9 @@ def _checkpoints(args: argparse.Namespace, families: tuple[str, ...]) -> dict[st
     return dirs
 
 
-def _check_ckpt(ckpt: Path, family: str) -> None:
-    from ..checkpoint import CheckpointError, find_checkpoint_file
-    from ..cli_common import UsageError
-    from ..family import checkpoint_stems, missing_tokenizer
-
-    if not ckpt.is_dir():
-        raise UsageError(f"--ckpt {ckpt} is not a directory")
-    try:
-        for stem in checkpoint_stems(family):
-            find_checkpoint_file(ckpt, stem)
-    except CheckpointError as exc:
-        raise UsageError(f"checkpoint (--model {family}) {exc}") from None
-    missing = missing_tokenizer(family, ckpt)
-    if missing is not None:
-        raise UsageError(f"checkpoint {ckpt}: {missing} not found")
-
-
 def prepare(args: argparse.Namespace) -> tuple[ServerConfig, tuple[ModelSpec, ...]]:
     """Everything checked before the model loads; raises ``UsageError`` naming the problem."""
-    from ..cli_common import UsageError, parse_chunk_size
+    from ..cli_common import UsageError, check_ckpt_files, parse_chunk_size
     from ..optim.config import OptConfig
 
     try:
@@ -201,7 +184,7 @@ def prepare(args: argparse.Namespace) -> tuple[ServerConfig, tuple[ModelSpec, ..
     families = _families(args)
     ckpts = _checkpoints(args, families)
     for family, ckpt in ckpts.items():
-        _check_ckpt(ckpt, family)
+        check_ckpt_files(ckpt, family)
     source = "local" if ckpts else "pretrained" if args.pretrained else "tiny" if args.tiny else "synthetic"
     voices_dir = args.voices_dir or default_voices_dir()
     _check_voices_dir(voices_dir)

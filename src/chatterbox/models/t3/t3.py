@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from ...constants import DEFAULT_STOP_CHECK_EVERY
 from .cond import T3Cond
 from .cond_enc import T3CondEnc, T3CondEncConfig
-from ...nn.dtype import cast_floating
+from .heads import T3Heads
 from .llama import KVCache, LlamaConfig, LlamaModel
 from .sampling import STREAM_ORDER, Recorder, SamplingConfig, mark_seen, new_seen, sample_next
 
@@ -106,7 +106,7 @@ class T3Output:
     hidden_states: Tensor  # (B, L_cond + n + m, C), after the final norm
 
 
-class T3(nn.Module):
+class T3(T3Heads, nn.Module):
     def __init__(self, cfg: T3Config):
         super().__init__()
         self.cfg = cfg
@@ -175,13 +175,6 @@ class T3(nn.Module):
         speech_latents = _mask_tail(hidden[:, len_cond + n:len_cond + n + m], speech_token_lens)
         return T3Output(self.text_logits(text_latents), self.speech_logits(speech_latents),
                         text_latents, speech_latents, hidden)
-
-    def speech_logits(self, hidden: Tensor) -> Tensor:
-        """Hidden states (..., C) -> speech logits (..., V) from the head's own dtype (float32 by default)."""
-        return self.speech_head(cast_floating(hidden, self.speech_head.weight.dtype))
-
-    def text_logits(self, hidden: Tensor) -> Tensor:
-        return self.text_head(cast_floating(hidden, self.text_head.weight.dtype))
 
     # ----------------------------------------------------------------- generation
     def init_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:

@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ...constants import DEFAULT_STOP_CHECK_EVERY
-from ...nn.dtype import cast_floating
 from ..t3.cond import T3Cond
+from ..t3.heads import T3Heads
 from ..t3.llama import KVCache
 from ..t3.sampling import Recorder
 from ..t3.t3 import T3Output, token_blocks
@@ -82,7 +82,7 @@ class TurboCondEnc(nn.Module):
         return self.spkr_enc(speaker_emb.reshape(-1, self.speaker_embed_size))[:, None]
 
 
-class T3Turbo(nn.Module):
+class T3Turbo(T3Heads, nn.Module):
     def __init__(self, cfg: T3TurboConfig):
         super().__init__()
         self.cfg = cfg
@@ -136,13 +136,6 @@ class T3Turbo(nn.Module):
         speech_latents = hidden[:, len_cond + n:len_cond + n + m]
         return T3Output(self.text_logits(text_latents), self.speech_logits(speech_latents),
                         text_latents, speech_latents, hidden)
-
-    def speech_logits(self, hidden: Tensor) -> Tensor:
-        """Hidden states (..., C) -> speech logits (..., V) in the head's dtype (float32 by default)."""
-        return self.speech_head(cast_floating(hidden, self.speech_head.weight.dtype))
-
-    def text_logits(self, hidden: Tensor) -> Tensor:
-        return self.text_head(cast_floating(hidden, self.text_head.weight.dtype))
 
     # ----------------------------------------------------------------- generation
     def init_cache(self, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
