@@ -44,3 +44,17 @@ class KVCache:
     @property
     def batch(self) -> int:
         return self.k.shape[1]
+
+
+def write_layer_cache(cache_kv: tuple[Tensor, Tensor] | None, positions: Tensor, k: Tensor, v: Tensor,
+                      attend_cache: bool) -> tuple[Tensor, Tensor]:
+    """Write this call's keys/values (B, KVH, S, D) into a layer's cache slices at ``positions`` (in place:
+    the cache is created in the autograd mode it is used in) and return what attention reads: the whole
+    cache when ``attend_cache``, else this call's own keys/values."""
+    if cache_kv is None:
+        return k, v
+    cache_k, cache_v = cache_kv
+    cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
+    cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
+    return (cache_k, cache_v) if attend_cache else (k, v)
+

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ...nn.norm import rms_norm
 from ...nn.rotary import apply_rotary
 from .cached_stack import CachedStack
-from .kv_cache import KVCache
+from .kv_cache import KVCache, write_layer_cache
 
 # Supported rotary variants: plain RoPE, and HF's "llama3" frequency rescaling.
 ROPE_LLAMA3 = "llama3"
@@ -148,13 +148,7 @@ class LlamaAttention(nn.Module):
         q = apply_rotary(self._heads(self.q_proj(x), self.cfg.num_heads), cos, sin)
         k = apply_rotary(self._heads(self.k_proj(x), self.cfg.num_kv_heads), cos, sin)
         v = self._heads(self.v_proj(x), self.cfg.num_kv_heads)
-        if cache_kv is not None:
-            cache_k, cache_v = cache_kv
-            # In-place by design: see the module docstring on the cache's autograd mode.
-            cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
-            cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
-            if attend_cache:
-                k, v = cache_k, cache_v
+        k, v = write_layer_cache(cache_kv, positions, k, v, attend_cache)
         if attend_cache:
             out = F.scaled_dot_product_attention(q, self._expand_kv(k), self._expand_kv(v), attn_mask=attn_mask)
         else:

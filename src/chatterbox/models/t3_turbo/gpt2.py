@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..t3.cached_stack import CachedStack
-from ..t3.kv_cache import KVCache
+from ..t3.kv_cache import KVCache, write_layer_cache
 
 # tanh approximation of GELU ("gelu_new" in HF): 0.5 x (1 + tanh(sqrt(2/pi) (x + c x^3)))
 _GELU_CUBIC = 0.044715
@@ -112,13 +112,7 @@ class GPT2Attention(nn.Module):
         """
         b, s, c = x.shape
         q, k, v = (self._heads(part) for part in self.c_attn(x).split(c, dim=2))
-        if cache_kv is not None:
-            cache_k, cache_v = cache_kv
-            # In-place by design: see the module docstring on the cache's autograd mode.
-            cache_k.index_copy_(2, positions, k.to(cache_k.dtype))
-            cache_v.index_copy_(2, positions, v.to(cache_v.dtype))
-            if attend_cache:
-                k, v = cache_k, cache_v
+        k, v = write_layer_cache(cache_kv, positions, k, v, attend_cache)
         if attend_cache:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
