@@ -92,8 +92,8 @@ def _record(play: Playback, total_s: float) -> dict:
 
 def warm(run_one, streams: int, seed: int) -> None:
     """Before anything is timed: the longest request alone, then ``streams`` of them at once, so the
-    S3Gen graphs of every length bucket (and of every batch size up to ``streams`` when S3Gen batches)
-    and the allocator's pools exist before the first measured level (T3's are captured at build)."""
+    S3Gen graphs of every length bucket (and batched ones, when S3Gen batches) and the allocator's
+    pools exist before the first measured level (T3's are captured at build)."""
     longest = [dict(r, seconds=AUDIO_SECONDS[1]) for r in make_requests(max(streams, 1), seed + 1)]
     run_one(longest[0])
     if streams > 1:
