@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (the device tool runs this from the repo root; results go to $OUT).
 #
-#   bash eval/device_run.sh tests                         # pytest -m gpu
+#   bash eval/device_run.sh tests [FILE ...]              # pytest -m gpu (all of tests/, or these files;
+#                                                         # the whole set needs more than one 10-minute call:
+#                                                         # tests/test_engine.py, then --ignore=tests/test_engine.py tests)
 #   bash eval/device_run.sh regression OLD_TREE OLD_SHA NEW_SHA   # eval.regression, old then new, one machine
 #   bash eval/device_run.sh serve-bench NEW_SHA           # streams per GPU (batching + scheduling on)
 #   bash eval/device_run.sh all OLD_TREE OLD_SHA NEW_SHA  # the three, in that order
@@ -19,7 +21,9 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv | tee "$OUT/gp
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
 
 run_tests() {
-  timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -x --timeout 300 tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -30
+  local files=("$@"); [ ${#files[@]} -gt 0 ] || files=(tests)
+  local log="$OUT/gpu-tests-$(printf '%s' "${files[*]}" | tr -c 'A-Za-z0-9' '_').log"
+  timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider -rfE --timeout 300 "${files[@]}" 2>&1 | tee "$log" | tail -30
 }
 run_regression() {
   python3 -m eval.regression run --tree "$1" --label old --commit "$2" --out "$OUT/old" --reps 3 &&
@@ -32,7 +36,7 @@ run_serve_bench() {
 }
 
 case "${1:-}" in
-  tests) run_tests ;;
+  tests) shift; run_tests "$@" ;;
   regression) run_regression "$2" "$3" "$4" ;;
   serve-bench) run_serve_bench "$2" ;;
   all) run_tests; run_regression "$2" "$3" "$4"; run_serve_bench "$4" ;;
