@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 EMPTY_TEXT_SUBSTITUTE = "You need to add some text for me to talk."
 # Replacements applied in this order (order matters: "..." before ",", " - " before "-").
-_PUNCTUATION_REWRITES = (
+PUNCTUATION_REWRITES = (
     ("...", ", "),
     ("\u2026", ", "),
     (":", ","),
@@ -30,7 +30,7 @@ _PUNCTUATION_REWRITES = (
 _SENTENCE_ENDINGS = (".", "!", "?", "-", ",")
 
 
-def punc_norm(text: str, rewrites: tuple[tuple[str, str], ...] = _PUNCTUATION_REWRITES) -> str:
+def punc_norm(text: str, rewrites: tuple[tuple[str, str], ...] = PUNCTUATION_REWRITES) -> str:
     """Normalise punctuation the way the published model saw it in training (``rewrites``: the model
     family's list of replacements, in order).
 
@@ -121,7 +121,7 @@ class EnTokenizer:
 ENGLISH_ONLY_NOTE = ("this model speaks English only; other languages need the multilingual Chatterbox "
                      "model family, which chatterbox-fast does not support yet")
 _MAX_CHARS_LISTED = 20
-_REWRITTEN_CHARS = frozenset(old for old, _ in _PUNCTUATION_REWRITES if len(old) == 1)
+_REWRITTEN_CHARS = frozenset(old for old, _ in PUNCTUATION_REWRITES if len(old) == 1)
 
 
 def describe_chars(chars) -> str:

@@ -18,20 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .text import punc_norm
+from .text import PUNCTUATION_REWRITES, punc_norm
 
-# Turbo's clean-up rewrites fewer sequences than the original's: no "...", " - " or ";" rules.
-_TURBO_PUNCTUATION_REWRITES = (
-    ("\u2026", ", "),
-    (":", ","),
-    ("\u2014", "-"),
-    ("\u2013", "-"),
-    (" ,", ","),
-    ("\u201c", '"'),
-    ("\u201d", '"'),
-    ("\u2018", "'"),
-    ("\u2019", "'"),
-)
+# Turbo's clean-up is the original's without its "...", " - " and ";" rules (same order otherwise).
+_TURBO_DROPPED_REWRITES = ("...", " - ", ";")
+_TURBO_PUNCTUATION_REWRITES = tuple(r for r in PUNCTUATION_REWRITES if r[0] not in _TURBO_DROPPED_REWRITES)
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
