@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .check_prepare_conditionals import compare_conditionals
 from .runner import Comparison, Fixture, ParityContext, compare
 from .turbo_models import load_meanflow_s3gen, load_turbo_ve
 
@@ -36,11 +37,5 @@ def check(fx: Fixture, ctx: ParityContext) -> list[Comparison]:
     return [
         compare("loudness_lufs", torch.tensor([loudness], dtype=torch.float64), fx["loudness_lufs"], 0.0,
                 LOUDNESS_ATOL_DB),
-        compare("t3_speaker_emb", conds.t3.speaker_emb, fx["t3_speaker_emb"], rtol=1e-4, atol=1e-6),
-        compare("t3_cond_prompt_speech_tokens", conds.t3.cond_prompt_speech_tokens, fx["t3_cond_prompt_speech_tokens"]),
-        compare("t3_emotion_adv", conds.t3.emotion_adv, fx["t3_emotion_adv"]),
-        compare("gen_prompt_token", conds.gen.prompt_token, fx["gen_prompt_token"]),
-        compare("gen_prompt_token_len", conds.gen.prompt_token_len, fx["gen_prompt_token_len"]),
-        compare("gen_prompt_feat", conds.gen.prompt_feat, fx["gen_prompt_feat"]),
-        compare("gen_embedding", conds.gen.embedding, fx["gen_embedding"], rtol=1e-4, atol=1e-6),
+        *compare_conditionals(conds, fx),
     ]
