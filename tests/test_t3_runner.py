@@ -146,10 +146,10 @@ def _graphed(t3: T3, compile_mode: str | None = None, slots: int = 4) -> Graphed
     fused = fused.with_attention(decode_attention)
     pick = default_pick
     if compile_mode is not None:
-        from chatterbox.engine.engine import _graph_safe_compile
+        from chatterbox.engine.engine import graph_safe_compile
 
-        fused = fused.with_kernels(fused.outputs_fn, _graph_safe_compile(fused.norm_fn, compile_mode))
-        pick = _graph_safe_compile(default_pick, compile_mode)
+        fused = fused.with_kernels(fused.outputs_fn, graph_safe_compile(fused.norm_fn, compile_mode))
+        pick = graph_safe_compile(default_pick, compile_mode)
     cfg = T3RunnerConfig(slots=slots, window=32, prefill_bucket=16, max_prefill=64)
     return GraphedT3Runner(t3, fused, GraphRegistry(t3.device, True), cfg, pick,
                            default_proc=RowProcessing.for_rows([SETTINGS[0]], SETTINGS[0].order))

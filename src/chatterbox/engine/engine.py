@@ -39,6 +39,7 @@ from .materialize import materialize, models_get, models_set
 from .request import SynthesisRequest
 from .session import Session, SynthesisResult
 from .s3gen_scheduler import S3GenScheduler
+from .slot_runner import SlotRunner
 from .t3_batcher import T3Batcher
 from .t3_runner import EagerT3Runner, GraphedT3Runner, T3Request, T3RunnerConfig
 from .t3_stream import T3Stream
@@ -67,7 +68,7 @@ class EngineConfig:
 COMPILE_SHAPES_MARGIN = 16
 
 
-def _allow_recompiles(shapes: int) -> None:
+def allow_recompiles(shapes: int) -> None:
     import torch._dynamo.config as dynamo_config
 
     needed = shapes + COMPILE_SHAPES_MARGIN
@@ -75,7 +76,7 @@ def _allow_recompiles(shapes: int) -> None:
         dynamo_config.recompile_limit = needed
 
 
-def _graph_safe_compile(fn, mode: str):
+def graph_safe_compile(fn, mode: str):
     """``torch.compile`` for code that runs inside the engine's own CUDA graphs: the modes that would
     capture graphs of their own run as their no-cudagraphs equivalents."""
     kwargs: dict = {"fullgraph": True, "dynamic": False}
@@ -107,7 +108,7 @@ class Engine:
         self.streamer = HiFTStreamer(getattr(hift, "_orig_mod", hift))
         self.t3_runner = self._t3_runner()
         self.t3_batcher = (T3Batcher(self.t3_runner, opt.stop_check_every)
-                           if opt.t3_batching and isinstance(self.t3_runner, GraphedT3Runner) else None)
+                           if opt.t3_batching and isinstance(self.t3_runner, SlotRunner) else None)
         self.s3gen_scheduler = (S3GenScheduler(self.context, self.cfm_steps, self.cfg.s3gen_batch)
                                 if opt.s3gen_scheduling else None)
         self._watermarker: Watermarker | None = None
@@ -130,7 +131,7 @@ class Engine:
                 continue
             module = models_get(self.models, spec.path)
             graphed = self.opt.component(name).cuda_graphs and self.graphs.enabled
-            models_set(self.models, spec.path, _graph_safe_compile(module, mode) if graphed else
+            models_set(self.models, spec.path, graph_safe_compile(module, mode) if graphed else
                        (torch.compile(module) if mode == "default" else torch.compile(module, mode=mode)))
 
     def _swap_graphed(self) -> None:
@@ -166,8 +167,8 @@ class Engine:
 
             fused = fused.with_attention(decode_attention)
         if opt.t3.compile is not None and on_cuda:
-            fused = fused.with_kernels(_graph_safe_compile(fused.outputs_fn, opt.t3.compile),
-                                       _graph_safe_compile(fused.norm_fn, opt.t3.compile))
+            fused = fused.with_kernels(graph_safe_compile(fused.outputs_fn, opt.t3.compile),
+                                       graph_safe_compile(fused.norm_fn, opt.t3.compile))
         return fused
 
     def _t3_runner(self):
@@ -176,8 +177,8 @@ class Engine:
         compiled = opt.t3.compile is not None and self.device.type == "cuda"
         if compiled:
             t3_cfg = self.cfg.t3
-            _allow_recompiles(len(t3_cfg.batch_buckets) + t3_cfg.max_prefill // t3_cfg.prefill_bucket)
-        pick = _graph_safe_compile(default_pick, opt.t3.compile) if compiled and fused is not None else default_pick
+            allow_recompiles(len(t3_cfg.batch_buckets) + t3_cfg.max_prefill // t3_cfg.prefill_bucket)
+        pick = graph_safe_compile(default_pick, opt.t3.compile) if compiled and fused is not None else default_pick
         if opt.t3.compile is not None and fused is None:
             path = component_specs()["t3"].path + ".tfmr"
             models_set(self.models, path, torch.compile(models_get(self.models, path)))

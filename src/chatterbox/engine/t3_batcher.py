@@ -4,7 +4,7 @@ Requests join and leave at token granularity. ``start`` (in the caller's thread)
 allocates the request's KV cache, then queues it; the batcher thread admits at most one newcomer per
 iteration (its prefill, one captured graph: the others' decode waits for one prefill at most), then
 advances up to ``max_batch`` running requests by one token in one replay of the graphed runner
-(``GraphedT3Runner.step_rows``; more requests than that take turns). Each request's consumer reads its
+(``SlotRunner.step_rows``; more requests than that take turns). Each request's consumer reads its
 tokens from its slot's history as they become available (``T3Stream``), so a slow consumer never
 slows the others. A request leaves when it reaches its token budget, when the batcher sees its stop
 token (checked one block late, without stalling the device), or when its consumer closes it; its
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .t3_runner import Admission, GraphedT3Runner, Row, T3Request
+from .slot_runner import Admission, Row, SlotRunner, T3Request
 from .t3_stream import T3Stream
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Live:
 
 
 class T3Batcher:
-    def __init__(self, runner: GraphedT3Runner, block_size: int) -> None:
+    def __init__(self, runner: SlotRunner, block_size: int) -> None:
         self.runner = runner
         self.block_size = block_size
         self.stop_token = runner.t3.cfg.stop_speech_token
@@ -68,7 +68,8 @@ class T3Batcher:
                 self._thread.start()
             self._cond.notify_all()
         return T3Stream(lambda start, n: self._produce(live, start, n), adm.steps, req.block_size, self.stop_token,
-                        self.runner.device, on_close=lambda: self._cancel(live))
+                        self.runner.device, on_close=lambda: self._cancel(live),
+                        first_may_stop=self.runner.first_may_stop)
 
     def _produce(self, live: _Live, start: int, n: int) -> Tensor:
         with self._cond:
@@ -166,10 +167,10 @@ class T3Batcher:
         return (ready[start:] + ready[:start])[:self.runner.max_batch]
 
     def _step(self, lives: list[_Live]) -> None:
-        by_order: dict[tuple, list[_Live]] = {}
+        groups: dict[object, list[_Live]] = {}
         for live in lives:
-            by_order.setdefault(live.row.proc.order, []).append(live)
-        for group in by_order.values():
+            groups.setdefault(self.runner.step_group(live.row.proc), []).append(live)
+        for group in groups.values():
             self.runner.step_rows([live.row for live in group])
             self.steps += 1
         with self._cond:
@@ -195,6 +196,8 @@ class T3Batcher:
             start, live.checked = live.checked, live.steps_done
             block = self.runner.pool.history[live.row.slot, start:live.steps_done]
             hit = block == self.stop_token
+            if start == 0 and not self.runner.first_may_stop:
+                hit[0] = False
             first = torch.where(hit.any(), hit.int().argmax(), -1)
             if block.is_cuda:
                 host = torch.empty((), dtype=torch.long, pin_memory=True)

@@ -29,7 +29,7 @@ Pick = Callable[[Tensor, Tensor, Tensor, Tensor, RowProcessing], Tensor]
 
 @dataclass
 class T3StatePool:
-    logits: Tensor  # (S, 2, V) float32: the CFG pair's logits for the next pick
+    logits: Tensor  # (S, rows, V) float32: the request's logits for the next pick (the CFG pair, or one row)
     seen: Tensor  # (S, V) bool
     race: Tensor  # (S, V) float32: Exp(1) draws of the next pick (written before each step)
     params: Tensor  # (S, N_PARAMS) float32 (sampling.param_row)
@@ -39,14 +39,17 @@ class T3StatePool:
     cache_len: Tensor  # (S,) int64
 
     @classmethod
-    def allocate(cls, slots: int, vocab: int, history: int, device: torch.device) -> "T3StatePool":
+    def allocate(cls, slots: int, vocab: int, history: int, device: torch.device, rows: int = CFG_BATCH,
+                 n_params: int = N_PARAMS) -> "T3StatePool":
+        """``rows``: backbone rows per request (the original model's CFG pair; 1 for Turbo);
+        ``n_params``: columns of the family's per-row sampling settings."""
         # Ordinary tensors whatever the caller's autograd mode: requests in other modes use them later.
         with torch.inference_mode(False):
             return cls(
-                logits=torch.zeros(slots, CFG_BATCH, vocab, device=device),
+                logits=torch.zeros(slots, rows, vocab, device=device),
                 seen=torch.zeros(slots, vocab, dtype=torch.bool, device=device),
                 race=torch.ones(slots, vocab, device=device),
-                params=torch.zeros(slots, N_PARAMS, device=device),
+                params=torch.zeros(slots, n_params, device=device),
                 position=torch.zeros(slots, 2, dtype=torch.long, device=device),
                 history=torch.zeros(slots, history, dtype=torch.long, device=device),
                 cache_ptr=torch.zeros(slots, dtype=torch.long, device=device),

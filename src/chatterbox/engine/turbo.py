@@ -4,7 +4,8 @@ serving, with what differs about these models.
 * T3 is a GPT-2 backbone without guidance (one row per request), sampled with temperature, top-k,
   top-p and then the repetition penalty; the penalty looks at the start token on the first step and
   at the generated tokens after that, and the first token is never read as a stop (upstream's rules,
-  ``models/t3_turbo``). ``EagerTurboRunner`` generates it per request.
+  ``models/t3_turbo``). ``turbo_runner`` generates it: eagerly per request, or (CUDA graphs on) in
+  slots of one pool stepped by captured graphs, batched across requests with ``t3_batching``.
 * Speech codes: ids at or past the start token are dropped, and three silence codes follow the last
   chunk of a segment (``models.t3_turbo.sampling.SpeechTokenCleanup``).
 * S3Gen is the meanflow variant: 2 linear Euler steps of its own (``OptConfig.cfm_steps`` does not
@@ -14,7 +15,7 @@ serving, with what differs about these models.
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,63 +23,15 @@ import torch
 from torch import Tensor
 
 from ..conditionals import Conditionals
-from ..models.t3.sampling import exponential_race, pick_by_race
-from ..models.t3_turbo.sampling import SpeechTokenCleanup, TurboSamplingConfig, ids_mask, process_turbo_logits
-from ..models.t3_turbo.t3_turbo import T3Turbo
+from ..models.t3_turbo.sampling import SpeechTokenCleanup, TurboSamplingConfig
+from ..models.t3_turbo.table_decode import GPT2TableDecoder, block_outputs, first_norm
 from ..optim.modes import attention_context, autograd_context
 from ..text import split_text
 from ..text_turbo import punc_norm_turbo
 from ..voice_turbo import TurboVoiceConfig, prepare_turbo_conditionals
-from .engine import Engine
+from .engine import Engine, allow_recompiles, graph_safe_compile
 from .request import SynthesisRequest
-from .t3_runner import T3Request
-from .t3_stream import T3Stream, stepped_producer
-
-# Turbo requests: one backbone row each (no classifier-free guidance).
-TURBO_ROWS = 1
-
-
-class EagerTurboRunner:
-    """A Turbo request on its own state and cache, stepped eagerly. The draw is the exponential race
-    (``argmax(p / E)``), which is ``torch.multinomial``'s draw and generator use without its host read."""
-
-    def __init__(self, t3: T3Turbo) -> None:
-        self.t3 = t3
-        self.lock = contextlib.nullcontext()
-
-    def start(self, req: T3Request) -> T3Stream:
-        t3, cfg = self.t3, self.t3.cfg
-        sampling: TurboSamplingConfig = req.sampling
-        text = t3.check_text(req.text_tokens)
-        steps = req.max_new_tokens
-        if steps < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {steps}")
-        embeds = t3.prompt_embeds(req.cond, text)  # (1, P, C)
-        prefix = embeds.shape[1]
-        if prefix + steps > cfg.gpt2.max_position_embeddings:
-            raise ValueError(f"{prefix} prompt positions + {steps} tokens exceed the position table "
-                             f"({cfg.gpt2.max_position_embeddings}); lower max_new_tokens")
-        device = embeds.device
-        cache = t3.init_cache(TURBO_ROWS, prefix + steps, device, embeds.dtype)
-        start = torch.full((TURBO_ROWS, 1), cfg.start_speech_token, dtype=torch.long, device=device)
-        state = {"logits": t3.prefill(embeds, cache), "penalised": ids_mask(TURBO_ROWS, cfg.speech_vocab_size, start),
-                 "position": torch.full((1,), prefix, dtype=torch.long, device=device), "step": 0}
-        generated = torch.zeros(TURBO_ROWS, cfg.speech_vocab_size, dtype=torch.bool, device=device)
-        history = torch.zeros(1, steps, dtype=torch.long, device=device)
-
-        def step() -> None:
-            probs = process_turbo_logits(state["logits"], state["penalised"], sampling).softmax(dim=-1)
-            token = pick_by_race(probs, exponential_race(probs, req.generator))  # (1, 1)
-            history[:, state["step"]:state["step"] + 1] = token
-            generated.scatter_(1, token, True)
-            state["penalised"] = generated  # from the second step on: the generated tokens only
-            state["logits"] = t3.decode_step(t3.next_token_embeds(token), state["position"], cache)
-            state["position"] = state["position"] + 1
-            state["step"] += 1
-
-        return T3Stream(stepped_producer(history, 0, step, self.lock), steps, req.block_size, cfg.stop_speech_token,
-                        device, keep=(cache,), first_may_stop=False)
-
+from .turbo_runner import EagerTurboRunner, GraphedTurboRunner, turbo_pick
 
 class TurboEngine(Engine):
     def __init__(self, *args, voice_cfg: TurboVoiceConfig | None = None,
@@ -88,7 +41,20 @@ class TurboEngine(Engine):
         super().__init__(*args, **kwargs)
 
     def _t3_runner(self):
-        return EagerTurboRunner(self.models.t3)
+        opt, t3 = self.opt, self.models.t3
+        if not (opt.t3.cuda_graphs and self.graphs.enabled):
+            return EagerTurboRunner(t3)
+        with torch.inference_mode(False), torch.no_grad():
+            decoder = GPT2TableDecoder.of(t3.tfmr)
+        pick = turbo_pick
+        if opt.t3.compile is not None:
+            t3_cfg = self.cfg.t3
+            allow_recompiles(len(t3_cfg.batch_buckets) + t3_cfg.max_prefill // t3_cfg.prefill_bucket)
+            decoder = decoder.with_kernels(graph_safe_compile(block_outputs, opt.t3.compile),
+                                           graph_safe_compile(first_norm, opt.t3.compile))
+            pick = graph_safe_compile(turbo_pick, opt.t3.compile)
+        cfg = self.cfg.t3 if opt.t3_batching else dataclasses.replace(self.cfg.t3, batch_buckets=(1,))
+        return GraphedTurboRunner(t3, decoder, self.graphs, cfg, pick)
 
     # ------------------------------------------------------------------ model family
     @property

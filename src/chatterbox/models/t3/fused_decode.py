@@ -151,6 +151,10 @@ class FusedDecoder:
                    final_norm=model.norm.weight.detach(), inv_freq=rope_inv_freq(model.cfg, device),
                    gemv_fusion=gemv_fusion)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_norm.dtype
+
     def with_linear(self, linear_fn: Callable) -> "FusedDecoder":
         return replace(self, linear_fn=linear_fn)
 
@@ -260,23 +264,26 @@ class FusedDecoder:
 
     def per_request(self, fn: Callable, x: Tensor) -> Tensor:
         """``fn(x)`` for a row-wise ``fn`` (the speech head), per request when ``request_rows`` is set."""
-        return self._grouped(fn, (0,), x)
+        return per_request_rows(fn, self.request_rows, (0,), x)
 
     def _grouped(self, fn: Callable, row_args: tuple[int, ...], *args):
-        """``fn(*args)``, or with ``request_rows`` set, ``fn`` on each request's rows of the arguments
-        at ``row_args`` (the ones that carry the batch), joined back."""
-        rows = self.request_rows
-        b = args[0].shape[0]
-        if rows is None or b <= rows:
-            return fn(*args)
-        parts = []
-        for lo in range(0, b, rows):
-            part = [a[lo:lo + rows] if i in row_args else a for i, a in enumerate(args)]
-            parts.append(fn(*part))
-        if isinstance(parts[0], tuple):
-            return tuple(torch.cat(ps, dim=0) for ps in zip(*parts))
-        return torch.cat(parts, dim=0)
+        return per_request_rows(fn, self.request_rows, row_args, *args)
+
+
+def per_request_rows(fn: Callable, rows: int | None, row_args: tuple[int, ...], *args):
+    """``fn(*args)``, or with ``rows`` set, ``fn`` on each request's ``rows`` rows of the arguments at
+    ``row_args`` (the ones that carry the batch), joined back."""
+    b = args[0].shape[0]
+    if rows is None or b <= rows:
+        return fn(*args)
+    parts = []
+    for lo in range(0, b, rows):
+        part = [a[lo:lo + rows] if i in row_args else a for i, a in enumerate(args)]
+        parts.append(fn(*part))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(ps, dim=0) for ps in zip(*parts))
+    return torch.cat(parts, dim=0)
 
 
 __all__ = ["Attend", "FusedDecoder", "PackedLayer", "allocate_stacked_cache", "attention_outputs", "pack_layers",
-           "stacked_view"]
+           "per_request_rows", "stacked_view"]

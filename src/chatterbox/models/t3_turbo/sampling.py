@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..t3.sampling import REC_PROBS, REC_RAW_LOGITS, Recorder, apply_repetition_penalty, apply_top_p
+from ..t3.sampling import (REC_PROBS, REC_RAW_LOGITS, Recorder, apply_repetition_penalty, apply_top_p, apply_top_p_cut,
+                           pick_by_race)
 
 # Name under which a recorder receives the processed scores (1, V) handed to the softmax.
 REC_PROCESSED = "processed"
@@ -98,6 +99,39 @@ def sample_turbo(raw_logits: Tensor, seen: Tensor, cfg: TurboSamplingConfig,
     if forced is not None:
         return forced
     return torch.multinomial(probs, 1, generator=generator)
+
+
+# Per-row settings of requests sampled together (``sample_turbo_rows``): one float32 row per request.
+# A stage a request would skip gets its neutral value (temperature 1, top-k of the whole vocabulary,
+# cut 0, penalty 1), which leaves every score as it is, exactly. The top-p column holds the cut
+# 1 - top_p, computed in double precision on the host as the scalar path computes it.
+TURBO_TEMPERATURE, TURBO_TOP_K, TURBO_TOP_P_CUT, TURBO_PENALTY = range(4)
+TURBO_N_PARAMS = 4
+
+
+def turbo_param_row(cfg: TurboSamplingConfig, vocab: int) -> list[float]:
+    """A request's settings as one row of the per-row parameter table."""
+    row = [0.0] * TURBO_N_PARAMS
+    row[TURBO_TEMPERATURE] = cfg.temperature if cfg.temperature > 0 else 1.0
+    row[TURBO_TOP_K] = float(min(cfg.top_k, vocab) if cfg.top_k > 0 else vocab)
+    row[TURBO_TOP_P_CUT] = 1 - cfg.top_p
+    row[TURBO_PENALTY] = cfg.repetition_penalty
+    return row
+
+
+def sample_turbo_rows(logits: Tensor, seen: Tensor, race: Tensor, params: Tensor) -> Tensor:
+    """One token for each of B requests: logits (B, V), penalty masks (B, V), Exp(1) draws (B, V) and
+    settings (B, TURBO_N_PARAMS) (``turbo_param_row``) -> tokens (B, 1). ``process_turbo_logits`` row
+    by row, then the race draw (``models.t3.sampling.pick_by_race``); fixed shapes, no host reads."""
+    col = params.to(logits.dtype)
+    logits = logits / col[:, TURBO_TEMPERATURE:TURBO_TEMPERATURE + 1]
+    k = params[:, TURBO_TOP_K:TURBO_TOP_K + 1].long().clamp(1, logits.shape[-1]) - 1  # (B, 1): the k-th largest
+    kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, k)
+    logits = logits.masked_fill(logits < kth, float("-inf"))
+    cut = col[:, TURBO_TOP_P_CUT:TURBO_TOP_P_CUT + 1]
+    logits = torch.where(cut > 0, apply_top_p_cut(logits, cut), logits)  # top_p 1: skipped, as upstream does
+    logits = apply_repetition_penalty(logits, seen, col[:, TURBO_PENALTY:TURBO_PENALTY + 1])
+    return pick_by_race(logits.softmax(dim=-1), race)
 
 
 def ids_mask(batch: int, vocab: int, ids: Tensor) -> Tensor:
