@@ -192,7 +192,7 @@ def test_gpu_closing_a_stream_early_returns_memory_to_the_pre_request_level(fast
 def test_gpu_tiny_fast_engine_serves_threads_like_solo():
     tts = make_tiny_tts(opt=OptConfig.fast(), device="cuda")
     _assert_concurrent_equals_solo(tts, _jobs(8, 30))
-    assert np.all([k[0] != "t3_decode" or True for k in tts.engine.graphs.captured()])
+    assert any(k[0] == "t3_decode" for k in tts.engine.graphs.captured())  # the threads ran on captured steps
 
 
 @pytest.mark.gpu

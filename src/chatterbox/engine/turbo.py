@@ -31,7 +31,7 @@ from ..text_turbo import punc_norm_turbo
 from ..voice_turbo import TurboVoiceConfig, prepare_turbo_conditionals
 from .engine import Engine, allow_recompiles, graph_safe_compile
 from .request import SynthesisRequest
-from .turbo_runner import EagerTurboRunner, GraphedTurboRunner, turbo_pick
+from .turbo_runner import TURBO_GRAPHED_MAX_TOKENS, EagerTurboRunner, GraphedTurboRunner, turbo_pick
 
 class TurboEngine(Engine):
     def __init__(self, *args, voice_cfg: TurboVoiceConfig | None = None,
@@ -54,6 +54,10 @@ class TurboEngine(Engine):
                                            graph_safe_compile(first_norm, opt.t3.compile))
             pick = graph_safe_compile(turbo_pick, opt.t3.compile)
         cfg = self.cfg.t3 if opt.t3_batching else dataclasses.replace(self.cfg.t3, batch_buckets=(1,))
+        table = t3.cfg.gpt2.max_position_embeddings
+        if cfg.max_prefill + TURBO_GRAPHED_MAX_TOKENS > table:  # a small position table: a quarter for prompts
+            cfg = dataclasses.replace(cfg, max_prefill=max(cfg.prefill_bucket, table // 4 // cfg.prefill_bucket
+                                                           * cfg.prefill_bucket))
         return GraphedTurboRunner(t3, decoder, self.graphs, cfg, pick)
 
     # ------------------------------------------------------------------ model family

@@ -119,9 +119,9 @@ class GraphedTurboRunner(SlotRunner):
         or what the position table leaves after ``cfg.max_prefill``)."""
         limit = t3.cfg.gpt2.max_position_embeddings - cfg.max_prefill
         max_tokens = min(TURBO_GRAPHED_MAX_TOKENS, limit) if max_tokens is None else max_tokens
-        if max_tokens > limit:
-            raise ValueError(f"max_tokens {max_tokens} + max_prefill {cfg.max_prefill} exceed the position table "
-                             f"({t3.cfg.gpt2.max_position_embeddings})")
+        if not 1 <= max_tokens <= limit:
+            raise ValueError(f"max_tokens must be in 1..{limit} (the position table's "
+                             f"{t3.cfg.gpt2.max_position_embeddings} less max_prefill {cfg.max_prefill}), got {max_tokens}")
         super().__init__(t3, decoder, graphs, cfg, pick, max_tokens=max_tokens, n_params=TURBO_N_PARAMS,
                          default_proc=TURBO_PROC)
 
