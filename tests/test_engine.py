@@ -11,7 +11,6 @@ import gc
 import threading
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_tts
