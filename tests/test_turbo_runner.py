@@ -257,3 +257,21 @@ def test_gpu_graphed_turbo_runner_follows_the_eager_runner_and_batches_like_solo
     want = tokens(ref.engine, ref.conds, 0, ref.engine.t3_runner.start)
     n = min(len(want), len(solo[0]), 8)
     assert sum(a == b for a, b in zip(want[:n], solo[0][:n])) >= 0.8 * n
+
+
+def test_turbo_engine_runner_config_follows_the_model_and_the_toggles():
+    """Left at the default, Turbo's runner takes its own preset (more slots, larger steps); without
+    ``t3_batching`` only bucket 1 is captured; a small position table keeps a quarter for prompts and
+    the rest for the graphed decode."""
+    from conftest import make_tiny_turbo_tts
+
+    from chatterbox.engine.slot_runner import T3RunnerConfig
+    from chatterbox.optim.config import OptConfig
+
+    batched = make_tiny_turbo_tts(opt=OptConfig.parse("fast+t3_batching=1")).engine._runner_config()
+    solo = make_tiny_turbo_tts(opt=OptConfig.fast()).engine._runner_config()
+    preset = T3RunnerConfig.turbo()
+    assert batched.slots == preset.slots and batched.batch_buckets == preset.batch_buckets
+    assert solo.batch_buckets == (1,)
+    table = 512  # GPT2Config.tiny()
+    assert batched.max_prefill == table // 4 and batched.max_prefill % batched.prefill_bucket == 0

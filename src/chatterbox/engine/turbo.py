@@ -31,6 +31,7 @@ from ..text_turbo import punc_norm_turbo
 from ..voice_turbo import TurboVoiceConfig, prepare_turbo_conditionals
 from .engine import Engine, allow_recompiles, graph_safe_compile
 from .request import SynthesisRequest
+from .slot_runner import T3RunnerConfig
 from .turbo_runner import TURBO_GRAPHED_MAX_TOKENS, EagerTurboRunner, GraphedTurboRunner, turbo_pick
 
 class TurboEngine(Engine):
@@ -44,21 +45,28 @@ class TurboEngine(Engine):
         opt, t3 = self.opt, self.models.t3
         if not (opt.t3.cuda_graphs and self.graphs.enabled):
             return EagerTurboRunner(t3)
+        cfg = self._runner_config()
         with torch.inference_mode(False), torch.no_grad():
             decoder = GPT2TableDecoder.of(t3.tfmr)
         pick = turbo_pick
         if opt.t3.compile is not None:
-            t3_cfg = self.cfg.t3
-            allow_recompiles(len(t3_cfg.batch_buckets) + t3_cfg.max_prefill // t3_cfg.prefill_bucket)
+            allow_recompiles(len(cfg.batch_buckets) + cfg.max_prefill // cfg.prefill_bucket)
             decoder = decoder.with_kernels(graph_safe_compile(block_outputs, opt.t3.compile),
                                            graph_safe_compile(first_norm, opt.t3.compile))
             pick = graph_safe_compile(turbo_pick, opt.t3.compile)
-        cfg = self.cfg.t3 if opt.t3_batching else dataclasses.replace(self.cfg.t3, batch_buckets=(1,))
-        table = t3.cfg.gpt2.max_position_embeddings
-        if cfg.max_prefill + TURBO_GRAPHED_MAX_TOKENS > table:  # a small position table: a quarter for prompts
-            cfg = dataclasses.replace(cfg, max_prefill=max(cfg.prefill_bucket, table // 4 // cfg.prefill_bucket
-                                                           * cfg.prefill_bucket))
         return GraphedTurboRunner(t3, decoder, self.graphs, cfg, pick)
+
+    def _runner_config(self) -> T3RunnerConfig:
+        cfg = self.cfg.t3
+        if cfg == T3RunnerConfig.published():  # left at the default: Turbo's own
+            cfg = T3RunnerConfig.turbo()
+        if not self.opt.t3_batching:
+            cfg = dataclasses.replace(cfg, batch_buckets=(1,))
+        table = self.models.t3.cfg.gpt2.max_position_embeddings
+        if cfg.max_prefill + TURBO_GRAPHED_MAX_TOKENS > table:  # a small position table: a quarter for prompts
+            bucket = cfg.prefill_bucket
+            cfg = dataclasses.replace(cfg, max_prefill=max(bucket, table // 4 // bucket * bucket))
+        return cfg
 
     # ------------------------------------------------------------------ model family
     @property
