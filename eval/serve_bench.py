@@ -166,11 +166,46 @@ def summarize(results: list[dict], wall_s: float, device: torch.device) -> dict:
     return out
 
 
+def engine_counters(tts) -> dict:
+    """The engine's running totals (batcher and S3Gen scheduler, when on); ``stage_figures`` turns two
+    snapshots into where a level's time went."""
+    if tts is None:
+        return {}
+    out = {}
+    batcher, scheduler = tts.engine.t3_batcher, tts.engine.s3gen_scheduler
+    if batcher is not None:
+        out.update(t3_steps=batcher.steps, t3_rows=batcher.rows, t3_busy_s=batcher.busy_s)
+    if scheduler is not None:
+        out.update(s3gen_chunks=scheduler.rendered, s3gen_batches=scheduler.batches, s3gen_busy_s=scheduler.busy_s)
+    return out
+
+
+def stage_figures(before: dict, after: dict, wall_s: float) -> dict:
+    """Per level: T3 tokens per second and mean requests per decode step, S3Gen chunks per round, and
+    the fraction of the wall time each engine thread was busy (near 1: that stage is the limit)."""
+    d = {k: after[k] - before[k] for k in after if k in before}
+    out = {}
+    if "t3_steps" in d and wall_s > 0:
+        out.update(t3_tokens_per_s=d["t3_rows"] / wall_s, t3_mean_batch=d["t3_rows"] / max(d["t3_steps"], 1),
+                   t3_busy=d["t3_busy_s"] / wall_s)
+    if "s3gen_chunks" in d and wall_s > 0:
+        out.update(s3gen_chunks_per_s=d["s3gen_chunks"] / wall_s,
+                   s3gen_mean_batch=d["s3gen_chunks"] / max(d["s3gen_batches"], 1), s3gen_busy=d["s3gen_busy_s"] / wall_s)
+    return out
+
+
 def capacity(rows: dict, ttfa_budget_s: float) -> int | None:
     """The largest N with zero underruns and p95 TTFA within the budget."""
     ok = [int(n) for n, r in rows.items() if r["underruns"] == 0 and r["ttfa_p95_s"] is not None
           and r["ttfa_p95_s"] <= ttfa_budget_s]
     return max(ok) if ok else None
+
+
+def _stage(row: dict, rate: str, batch: str, busy: str) -> str:
+    st = row.get("stages", {})
+    if rate not in st:
+        return "n/a"
+    return f"{st[rate]:.0f} ({st[batch]:.1f}, {st[busy]:.0%})"
 
 
 def write(result: dict, stem: Path) -> None:
@@ -180,14 +215,16 @@ def write(result: dict, stem: Path) -> None:
              f"capacity (zero underruns, p95 TTFA <= {result['ttfa_budget_s'] * 1000:.0f} ms): "
              f"{result['capacity']}", "",
              "| streams | requests | TTFA p50 / p95 / p99 (ms) | underruns (s) | audio s / wall s | RTF p50 / p95 | "
-             "peak GB |", "|---|---|---|---|---|---|---|"]
+             "peak GB | T3 tok/s (mean batch, busy) | S3Gen chunks/s (mean batch, busy) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     ms = lambda v: "n/a" if v is None else f"{v * 1000:.0f}"  # noqa: E731
     num = lambda v: "n/a" if v is None else f"{v:.3g}"  # noqa: E731
     for n, r in result["rows"].items():
         lines.append(f"| {n} | {r['requests']} | {ms(r['ttfa_p50_s'])} / {ms(r['ttfa_p95_s'])} / "
                      f"{ms(r['ttfa_p99_s'])} | {r['underruns']} ({r['underrun_s']:.2f}) | "
                      f"{num(r['audio_s_per_wall_s'])} | {num(r['rtf_p50'])} / {num(r['rtf_p95'])} | "
-                     f"{num(r.get('peak_mem_gb'))} |")
+                     f"{num(r.get('peak_mem_gb'))} | {_stage(r, 't3_tokens_per_s', 't3_mean_batch', 't3_busy')} | "
+                     f"{_stage(r, 's3gen_chunks_per_s', 's3gen_mean_batch', 's3gen_busy')} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     try:
         import matplotlib
@@ -260,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in streams:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        before = engine_counters(tts)
         results, wall = closed_loop(run_one, n, 1 if args.quick else args.requests, args.seed + n)
         rows[str(n)] = summarize(results, wall, device)
+        stages = stage_figures(before, engine_counters(tts), wall)
+        if stages:
+            rows[str(n)]["stages"] = stages
         log.info("%d streams: %s", n, {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[str(n)].items()})
         result["capacity"] = capacity(rows, args.ttfa_budget)
         write(result, Path(args.out))  # after every level: a run cut short keeps what it measured

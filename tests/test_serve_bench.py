@@ -44,3 +44,25 @@ def test_quick_run_of_turbo(tmp_path):
     result = json.loads(stem.with_suffix(".json").read_text())
     assert result["model"] == "turbo" and result["rows"]["1"]["audio_s_per_wall_s"] > 0
     assert stem.with_suffix(".md").read_text().startswith("# serve bench: turbo")
+
+
+def test_stage_figures_count_what_the_engine_did():
+    """The per-level stage figures come from the engine's counters: with S3Gen scheduling on, every
+    chunk a stream yields was rendered by the scheduler (a chunk whose audio is still held back by the
+    lookahead is rendered and yields nothing), one per round at batch 1."""
+    from conftest import make_tiny_tts
+
+    from chatterbox.optim.config import OptConfig
+    from eval.serve_bench import engine_counters, stage_figures
+
+    tts = make_tiny_tts(opt=OptConfig.parse("reference+s3gen_scheduling=1"))
+    before = engine_counters(tts)
+    assert "t3_steps" not in before and before["s3gen_chunks"] == 0
+    chunks = list(tts.generate_stream("Hello there.", seed=1, chunk_size=5, max_new_tokens=20, print_metrics=False,
+                                      watermark=False))
+    after = engine_counters(tts)
+    st = stage_figures(before, after, wall_s=2.0)
+    rendered = after["s3gen_chunks"] - before["s3gen_chunks"]
+    assert rendered >= len(chunks) > 0
+    assert st["s3gen_chunks_per_s"] == rendered / 2.0 and st["s3gen_mean_batch"] == 1.0
+    assert 0 < st["s3gen_busy"] <= after["s3gen_busy_s"] / 2.0 + 1e-9

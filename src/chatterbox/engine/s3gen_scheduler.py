@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
@@ -47,6 +48,7 @@ class S3GenScheduler:
         self._thread: threading.Thread | None = None
         self.rendered = 0  # chunks rendered
         self.batches = 0  # worker rounds (several chunks each when batching)
+        self.busy_s = 0.0  # worker time spent rendering (host side: queueing, and waiting where S3Gen syncs)
 
     @property
     def queued(self) -> int:
@@ -74,6 +76,7 @@ class S3GenScheduler:
                     self._thread = None  # idle: the next chunk starts a new worker
                     return
                 jobs = [heapq.heappop(self._heap) for _ in range(min(self.max_batch, len(self._heap)))]
+            began = time.perf_counter()
             try:
                 with self.context():
                     self._run(jobs)
@@ -81,6 +84,7 @@ class S3GenScheduler:
                 log.exception("S3Gen rendering failed")
                 for job in jobs:
                     job.error = exc
+            self.busy_s += time.perf_counter() - began
             self.batches += 1
             self.rendered += len(jobs)
             for job in jobs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -54,6 +55,8 @@ class T3Batcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self.steps = 0  # decode replays so far (for metrics)
+        self.rows = 0  # request-steps so far (tokens generated; rows / steps is the mean batch)
+        self.busy_s = 0.0  # host time spent admitting and stepping (queueing device work)
 
     # ------------------------------------------------------------------ requests
     def start(self, req: T3Request) -> T3Stream:
@@ -129,6 +132,7 @@ class T3Batcher:
                 with self._cond:
                     self._cond.wait(SLOT_POLL_S)
                 continue
+            began = time.perf_counter()
             try:
                 if newcomer is not None:
                     self._admit(newcomer)
@@ -140,6 +144,7 @@ class T3Batcher:
                     for live in self._active + ([newcomer] if newcomer is not None else []):
                         live.error, live.finished = exc, True
                     self._cond.notify_all()
+            self.busy_s += time.perf_counter() - began
 
     def _admit(self, live: _Live) -> None:
         slot = self.runner.acquire(block=False)
@@ -173,6 +178,7 @@ class T3Batcher:
         for group in groups.values():
             self.runner.step_rows([live.row for live in group])
             self.steps += 1
+            self.rows += len(group)
         with self._cond:
             for live in lives:
                 live.steps_done += 1
