@@ -42,6 +42,32 @@ def test_row_sampler_equals_upstreams_chain_row_by_row(scale):
             assert int(rows[i]) == int(pick_by_race(probs, race[i:i + 1])), (trial, i)
 
 
+def test_turbo_step_pieces_trace_whole_under_torch_compile():
+    """The pick and the per-layer work the engine compiles (``fullgraph``, then captured in a CUDA
+    graph) have no graph break and no host read, and compiled they compute what they compute eagerly."""
+    from chatterbox.engine.turbo_runner import turbo_pick
+    from chatterbox.models.t3_turbo.gpt2 import GPT2Config, GPT2Model
+    from chatterbox.models.t3_turbo.table_decode import GPT2TableDecoder, block_outputs
+
+    g = torch.Generator().manual_seed(3)
+    n = len(ROW_SETTINGS)
+    logits = torch.randn(n, VOCAB, generator=g) * 3
+    seen = torch.rand(n, VOCAB, generator=g) < 0.02
+    race = torch.empty(n, VOCAB).exponential_(1, generator=g)
+    params = torch.tensor([turbo_param_row(c, VOCAB) for c in ROW_SETTINGS])
+    pick = torch.compile(turbo_pick, backend="aot_eager", fullgraph=True, dynamic=False)
+    assert torch.equal(pick(logits, seen, race, params), turbo_pick(logits, seen, race, params))
+
+    torch.manual_seed(0)
+    dec = GPT2TableDecoder.of(GPT2Model(GPT2Config.tiny()).eval())
+    w = dec.layers[0]
+    h, attn = torch.randn(3, 1, 64, generator=g), torch.randn(3, 1, 64, generator=g)
+    args = (h, attn, *w.o, *w.ln_2, *w.fc, *w.proj, *dec.ln_f, dec.cfg.layer_norm_eps)
+    outputs = torch.compile(block_outputs, backend="aot_eager", fullgraph=True, dynamic=False)
+    for a, b in zip(outputs(*args), block_outputs(*args)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 COMMON = """
 import json, threading
 import torch

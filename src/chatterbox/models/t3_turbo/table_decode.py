@@ -103,8 +103,9 @@ class GPT2TableDecoder:
         if embeds.dim() != 3 or embeds.shape[1] != 1:
             raise ValueError(f"decode takes one position (B, 1, C), got {tuple(embeds.shape)}")
         cfg = self.cfg
-        pos_emb = self.wpe.index_select(0, positions).repeat_interleave(rows, dim=0)  # (S * rows, C)
-        h = embeds + pos_emb[:, None].to(embeds.dtype)
+        # (S, C) -> (S * rows, 1, C); expand, not repeat_interleave (which reads its size on the host)
+        pos_emb = self.wpe.index_select(0, positions)[:, None].expand(-1, rows, -1).reshape(-1, 1, cfg.hidden_size)
+        h = embeds + pos_emb.to(embeds.dtype)
         cos, sin = self._unrotated(positions.shape[0], embeds)
         table = CacheTable(ptr, length, positions)
 
