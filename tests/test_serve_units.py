@@ -358,3 +358,18 @@ def test_serve_cli_loads_one_spec_per_model(tmp_path):
                          (("--model", "large"), "choose from")):
         with pytest.raises(UsageError, match=needle):
             _serve_prepare(*voices, *argv)
+
+
+def test_serve_cli_s3gen_batch_reaches_the_engine(tmp_path):
+    """``--s3gen-batch`` is checked before anything loads and becomes the engine's S3Gen batch (the
+    scheduler renders that many requests' chunks per round)."""
+    from chatterbox.cli_common import UsageError
+    from chatterbox.serve.loading import load_one
+
+    voices = ("--voices-dir", str(tmp_path / "voices"), "--device", "cpu", "--tiny")
+    with pytest.raises(UsageError, match="--s3gen-batch must be >= 1"):
+        _serve_prepare(*voices, "--s3gen-batch", "0")
+    _, specs = _serve_prepare(*voices, "--opt", "reference+s3gen_scheduling=1", "--s3gen-batch", "4")
+    assert specs[0].s3gen_batch == 4
+    tts = load_one(specs[0], "cpu")
+    assert tts.engine.s3gen_scheduler is not None and tts.engine.s3gen_scheduler.max_batch == 4

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "the least-loaded engine)")
     ap.add_argument("--opt", default="reference", help="OptConfig preset or spec: reference, fast, cpu, "
                                                          "'fast+cfm_steps=6' (default: reference)")
+    ap.add_argument("--s3gen-batch", type=int, default=1,
+                    help="with s3gen_scheduling in --opt: streamed chunks of up to this many requests share one "
+                         "CFM call (default: 1)")
     ap.add_argument("--api-key", action="append", default=[],
                     help=f"accept this API key (repeatable; also {API_KEYS_ENV}); with keys set, every /v1 route "
                          "needs 'Authorization: Bearer <key>'")
@@ -177,7 +180,8 @@ def prepare(args: argparse.Namespace) -> tuple[ServerConfig, tuple[ModelSpec, ..
                                      ("--max-queue", args.max_queue, 0, None),
                                      ("--max-input-chars", args.max_input_chars, 1, None),
                                      ("--max-new-tokens", args.max_new_tokens, 1, token_limit),
-                                     ("--context-window", args.context_window, 0, None)):
+                                     ("--context-window", args.context_window, 0, None),
+                                     ("--s3gen-batch", args.s3gen_batch, 1, None)):
         if value < low or (high is not None and value > high):
             bound = f"between {low} and {high}" if high is not None else f">= {low}"
             raise UsageError(f"{option} must be {bound}, got {value}")
@@ -192,7 +196,7 @@ def prepare(args: argparse.Namespace) -> tuple[ServerConfig, tuple[ModelSpec, ..
     try:
         devices = _devices(args)
         specs = tuple(ModelSpec(source=source, ckpt=str(ckpts[f]) if ckpts else None, devices=devices, opt=args.opt,
-                                family=f) for f in families)
+                                family=f, s3gen_batch=args.s3gen_batch) for f in families)
         cfg = ServerConfig(host=args.host, port=args.port, api_keys=keys, voices_dir=str(voices_dir),
                            max_concurrent=args.max_concurrent, max_queue=args.max_queue,
                            max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,

@@ -46,9 +46,13 @@ class ModelSpec:
     devices: tuple[str, ...] = ("cpu",)
     opt: str = "reference"
     family: str = DEFAULT_FAMILY
+    # with the opt's s3gen_scheduling: streamed chunks of up to this many requests share one CFM call
+    s3gen_batch: int = 1
 
     def __post_init__(self) -> None:
         check_family(self.family)
+        if self.s3gen_batch < 1:
+            raise ValueError(f"s3gen_batch must be >= 1, got {self.s3gen_batch}")
         if self.source not in MODEL_SOURCES:
             raise ValueError(f"source must be one of {MODEL_SOURCES}, got {self.source!r}")
         if (self.source == "local") != (self.ckpt is not None):

@@ -2,6 +2,7 @@
 them up, so that the first real request does not pay for lazy initialisation or graph capture."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -46,8 +47,13 @@ def _tiny(device: str, opt: OptConfig, family: str):
 def load_one(spec: ModelSpec, device: str):
     opt = OptConfig.parse(spec.opt)
     if spec.source == "tiny":
-        return _tiny(device, opt, spec.family)
-    return load(spec.family, device, opt=opt, ckpt=spec.ckpt, pretrained=spec.source == "pretrained")
+        tts = _tiny(device, opt, spec.family)
+    else:
+        tts = load(spec.family, device, opt=opt, ckpt=spec.ckpt, pretrained=spec.source == "pretrained")
+    if spec.s3gen_batch != tts.engine_cfg.s3gen_batch:  # an engine of its own for the batched S3Gen worker
+        tts.engine_cfg = dataclasses.replace(tts.engine_cfg, s3gen_batch=spec.s3gen_batch)
+        tts.set_opt(opt)
+    return tts
 
 
 def load_engines(specs: ModelSpec | Sequence[ModelSpec]) -> list:
