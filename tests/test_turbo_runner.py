@@ -301,3 +301,48 @@ def test_turbo_engine_runner_config_follows_the_model_and_the_toggles():
     assert solo.batch_buckets == (1,)
     table = 512  # GPT2Config.tiny()
     assert batched.max_prefill == table // 4 and batched.max_prefill % batched.prefill_bucket == 0
+
+
+def test_graphed_runner_knows_which_requests_its_graphs_cover():
+    """``covers`` counts the prompt as ``prompt_embeds`` builds it; the runner refuses a request past its
+    graphs, and the Turbo engine runs such a request on the eager runner instead (same tokens)."""
+    from chatterbox.engine.graphs import GraphRegistry
+    from chatterbox.engine.slot_runner import T3Request, T3RunnerConfig
+    from chatterbox.engine.turbo_runner import GraphedTurboRunner
+    from chatterbox.models.t3.cond import T3Cond
+    from chatterbox.models.t3_turbo.t3_turbo import T3Turbo, T3TurboConfig
+    from chatterbox.models.t3_turbo.table_decode import GPT2TableDecoder
+
+    t3 = T3Turbo(T3TurboConfig.tiny()).eval()
+    cfg = T3RunnerConfig(slots=2, window=16, prefill_bucket=8, max_prefill=32, capture_at_build=False)
+    runner = GraphedTurboRunner(t3, GPT2TableDecoder.of(t3.tfmr), GraphRegistry(torch.device("cpu"), False), cfg,
+                                max_tokens=64)
+    cond = T3Cond(speaker_emb=torch.zeros(1, t3.cfg.speaker_embed_size),
+                  cond_prompt_speech_tokens=torch.zeros(1, 12, dtype=torch.long))
+    text = torch.ones(1, 7, dtype=torch.long)
+    with torch.no_grad():
+        prefix = t3.prompt_embeds(cond, text).shape[1]
+    room = min(runner.max_tokens, runner.max_window - prefix)
+
+    def req(steps):
+        return T3Request(cond, text, TurboSamplingConfig(), steps, torch.Generator(), 4)
+
+    assert runner.covers(req(room)) and not runner.covers(req(room + 1))
+    with pytest.raises(ValueError, match="max_new_tokens|cache positions"):
+        runner.prepare(req(room + 1))
+
+    from conftest import make_tiny_turbo_tts
+
+    from chatterbox.engine.turbo_runner import EagerTurboRunner
+
+    tts = make_tiny_turbo_tts()
+    eng = tts.engine
+    eng.t3_runner = GraphedTurboRunner(eng.models.t3, GPT2TableDecoder.of(eng.models.t3.tfmr),
+                                       GraphRegistry(torch.device("cpu"), False), cfg, max_tokens=8)
+    text = eng.text_tokens("Hello there.")
+    with torch.inference_mode():
+        long = [T3Request(tts.conds.t3, text, TurboSamplingConfig(), 20, torch.Generator().manual_seed(4), 4)
+                for _ in range(2)]
+        got = torch.cat(list(eng.t3_start(long[0]).blocks()), dim=1)
+        want = torch.cat(list(EagerTurboRunner(eng.models.t3).start(long[1]).blocks()), dim=1)
+    assert got.shape[1] > 8 and torch.equal(got, want)

@@ -16,6 +16,7 @@ serving, with what differs about these models.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -31,8 +32,12 @@ from ..text_turbo import punc_norm_turbo
 from ..voice_turbo import TurboVoiceConfig, prepare_turbo_conditionals
 from .engine import Engine, allow_recompiles, graph_safe_compile
 from .request import SynthesisRequest
-from .slot_runner import T3RunnerConfig
+from .slot_runner import T3Request, T3RunnerConfig
+from .t3_stream import T3Stream
 from .turbo_runner import TURBO_GRAPHED_MAX_TOKENS, EagerTurboRunner, GraphedTurboRunner, turbo_pick
+
+log = logging.getLogger(__name__)
+
 
 class TurboEngine(Engine):
     def __init__(self, *args, voice_cfg: TurboVoiceConfig | None = None,
@@ -55,6 +60,16 @@ class TurboEngine(Engine):
                                            graph_safe_compile(first_norm, opt.t3.compile))
             pick = graph_safe_compile(turbo_pick, opt.t3.compile)
         return GraphedTurboRunner(t3, decoder, self.graphs, cfg, pick)
+
+    def t3_start(self, req: T3Request) -> T3Stream:
+        """As ``Engine.t3_start``; a request longer than the graphed runner covers runs eagerly (on the
+        same weights) rather than being refused."""
+        runner = self.t3_runner
+        if isinstance(runner, GraphedTurboRunner) and not runner.covers(req):
+            log.info("a request of %d tokens is longer than the captured decode covers: eager T3",
+                     req.max_new_tokens)
+            return EagerTurboRunner(self.models.t3).start(req)
+        return super().t3_start(req)
 
     def _runner_config(self) -> T3RunnerConfig:
         cfg = self.cfg.t3

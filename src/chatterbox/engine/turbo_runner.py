@@ -148,6 +148,16 @@ class GraphedTurboRunner(SlotRunner):
             raise ValueError(f"max_new_tokens must be >= 1, got {steps}")
         return self.t3.check_text(req.text_tokens), steps
 
+    def covers(self, req: T3Request) -> bool:
+        """Whether ``req`` fits the captured graphs: its budget within ``max_tokens`` and its prompt
+        ([speaker | prompt tokens | text | start]) plus budget within the last decode window."""
+        prompt = req.cond.cond_prompt_speech_tokens
+        prompt_len = 0 if prompt is None else prompt.shape[-1]
+        if req.cond.cond_prompt_speech_emb is not None:
+            prompt_len = req.cond.cond_prompt_speech_emb.shape[1]
+        prefix = 1 + prompt_len + req.text_tokens.shape[-1] + 1
+        return req.max_new_tokens <= self.max_tokens and prefix + req.max_new_tokens <= self.max_window
+
     def proc_for(self, req: T3Request) -> str:
         return TURBO_PROC
 
