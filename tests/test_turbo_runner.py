@@ -59,7 +59,10 @@ def test_turbo_step_pieces_trace_whole_under_torch_compile():
     assert torch.equal(pick(logits, seen, race, params), turbo_pick(logits, seen, race, params))
 
     torch.manual_seed(0)
-    dec = GPT2TableDecoder.of(GPT2Model(GPT2Config.tiny()).eval())
+    model = GPT2Model(GPT2Config.tiny()).eval()
+    for p in model.parameters():  # Conv1D weights start uninitialised
+        p.data.normal_(0, 0.3)
+    dec = GPT2TableDecoder.of(model)
     w = dec.layers[0]
     h, attn = torch.randn(3, 1, 64, generator=g), torch.randn(3, 1, 64, generator=g)
     args = (h, attn, *w.o, *w.ln_2, *w.fc, *w.proj, *dec.ln_f, dec.cfg.layer_norm_eps)
