@@ -7,10 +7,20 @@
 #   bash eval/device_run.sh regression OLD_TREE OLD_SHA NEW_SHA   # eval.regression, old then new, one machine
 #   bash eval/device_run.sh serve-bench NEW_SHA           # streams per GPU (batching + scheduling on)
 #   bash eval/device_run.sh all OLD_TREE OLD_SHA NEW_SHA  # the three, in that order
+#   bash eval/device_run.sh tests-parallel                # pytest -m gpu as three processes at once
+#                                                         # (engine / runners / kernels; one log each)
+#   bash eval/device_run.sh serve-bench-http NEW_SHA      # a server (batching + scheduling) and the bench over HTTP
+#   bash eval/device_run.sh turbo-serve-bench NEW_SHA     # streams per GPU for Chatterbox-Turbo
 #
-# Before the call, here: `bash ../shared/tools/device_wheels.sh` (librosa, soundfile, soxr, ... into
-# .whl) and, for a regression, the old tree: `git archive OLD_SHA src eval | tar -x -C .regress/old`;
-# carry .whl and .regress. The image has torch, torchaudio and triton.
+# Before the call, here: the wheels the image lacks, into .whl (the audio stack, pytest-timeout,
+# pyloudnorm, and the server's packages pinned to CI's versions):
+#   bash ../shared/tools/device_wheels.sh pytest-timeout pyloudnorm future fastapi==0.165.0 \
+#     starlette==1.10.0 uvicorn==0.55.0 h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 httpx==0.29.0 \
+#     httpcore==1.0.9 idna==3.21 certifi==2026.10.19.post1 pydantic==2.14.4 pydantic_core==2.50.5 \
+#     annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 python-multipart==0.0.34 \
+#     click==8.5.1 opentelemetry-api==1.45.2 prometheus_client==0.26.0
+# and, for a regression, the old tree: `git archive OLD_SHA src eval | tar -x -C .regress/old`;
+# carry .whl and .regress. The image has torch, torchaudio, triton and matplotlib.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -35,10 +45,42 @@ run_serve_bench() {
     --streams 1,8,16,32,64,128 --requests 2 --commit "$1" --out "$OUT/h100-serve-bench"
 }
 
+run_tests_parallel() {
+  local core=(tests/test_engine.py) runners=(tests/test_t3_runner.py tests/test_turbo_runner.py tests/test_batch_bound.py
+    tests/test_opt.py tests/test_shape_graphs.py)
+  local rest=(tests) ignore=()
+  for f in "${core[@]}" "${runners[@]}"; do ignore+=(--ignore="$f"); done
+  local common=(-m gpu -q -p no:cacheprovider -rfE --timeout 400)
+  timeout 540 python3 -m pytest "${common[@]}" "${core[@]}" > "$OUT/gpu-tests-engine.log" 2>&1 &
+  timeout 540 python3 -m pytest "${common[@]}" "${runners[@]}" > "$OUT/gpu-tests-runners.log" 2>&1 &
+  timeout 540 python3 -m pytest "${common[@]}" "${ignore[@]}" "${rest[@]}" > "$OUT/gpu-tests-kernels.log" 2>&1 &
+  wait
+  for log in "$OUT"/gpu-tests-*.log; do echo "== $log"; grep -E "passed|failed|skipped|FAILED|ERROR" "$log" | tail -12; done
+}
+run_serve_bench_http() {
+  python3 -m chatterbox.serve.cli --device cuda --opt "fast+t3_batching=1+s3gen_scheduling=1" --s3gen-batch 8 \
+    --max-concurrent 128 --max-queue 512 --no-watermark --port 8000 > "$OUT/server.log" 2>&1 &
+  local server=$!
+  for _ in $(seq 240); do
+    python3 -c "import httpx; httpx.get('http://127.0.0.1:8000/health').raise_for_status()" 2>/dev/null && break
+    sleep 1
+  done
+  python3 -m eval.serve_bench --http http://127.0.0.1:8000 --streams 1,16,64 --requests 2 --commit "$1" \
+    --out "$OUT/h100-serve-bench-http"
+  kill "$server"
+}
+run_turbo_serve_bench() {
+  python3 -m eval.serve_bench --model turbo --device cuda --opt "fast+t3_batching=1+s3gen_scheduling=1" \
+    --s3gen-batch 8 --streams 1,64,128,256 --requests 2 --commit "$1" --out "$OUT/h100-turbo-serve-bench"
+}
+
 case "${1:-}" in
   tests) shift; run_tests "$@" ;;
   regression) run_regression "$2" "$3" "$4" ;;
   serve-bench) run_serve_bench "$2" ;;
+  tests-parallel) run_tests_parallel ;;
+  serve-bench-http) run_serve_bench_http "$2" ;;
+  turbo-serve-bench) run_turbo_serve_bench "$2" ;;
   all) run_tests; run_regression "$2" "$3" "$4"; run_serve_bench "$4" ;;
-  *) echo "usage: $0 tests | regression OLD_TREE OLD_SHA NEW_SHA | serve-bench NEW_SHA | all ..." >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-parallel | regression OLD_TREE OLD_SHA NEW_SHA | serve-bench NEW_SHA | serve-bench-http NEW_SHA | turbo-serve-bench NEW_SHA | all ..." >&2; exit 2 ;;
 esac
