@@ -11,6 +11,8 @@
 #                                                         # (engine / runners / kernels; one log each)
 #   bash eval/device_run.sh serve-bench-http NEW_SHA      # a server (batching + scheduling) and the bench over HTTP
 #   bash eval/device_run.sh turbo-serve-bench NEW_SHA     # streams per GPU for Chatterbox-Turbo
+#   bash eval/device_run.sh turbo-ab NEW_SHA              # Turbo A/B (reference, fast) with pinned upstream
+#                                                         # 0.1.7 beside it (eval/device_upstream.sh)
 #
 # Before the call, here: the wheels the image lacks, into .whl (the audio stack, pytest-timeout,
 # pyloudnorm, and the server's packages pinned to CI's versions):
@@ -20,7 +22,8 @@
 #     annotated-types==0.8.0 annotated-doc==0.0.7 typing-inspection==0.4.5 python-multipart==0.0.34 \
 #     click==8.5.1 opentelemetry-api==1.45.2 prometheus_client==0.26.0
 # and, for a regression, the old tree: `git archive OLD_SHA src eval | tar -x -C .regress/old`;
-# carry .whl and .regress. The image has torch, torchaudio, triton and matplotlib.
+# carry .whl and .regress. For turbo-ab, upstream's wheels into .upwheels: `bash eval/device_upstream.sh
+# fetch`; carry .whl and .upwheels. The image has torch, torchaudio, triton and matplotlib.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -73,6 +76,16 @@ run_turbo_serve_bench() {
   python3 -m eval.serve_bench --model turbo --device cuda --opt "fast+t3_batching=1+s3gen_scheduling=1" \
     --s3gen-batch 8 --streams 1,64,128,256 --requests 2 --commit "$1" --out "$OUT/h100-turbo-serve-bench"
 }
+run_turbo_ab() {
+  # upstream's side environment (/tmp/upenv: the image's python3 + .upwheels, never our src/), then
+  # the A/B; the upstream driver's own log comes back too
+  { bash eval/device_upstream.sh &&
+    timeout 540 python3 -m eval.ab --model turbo --device cuda --configs reference,fast --upstream /tmp/upenv \
+      --reps 3 --commit "$1" --out "$OUT/h100-turbo-ab"; } 2>&1 | tee "$OUT/turbo-ab.log"
+  local rc=${PIPESTATUS[0]}
+  cp /tmp/upstream-turbo.log "$OUT/" 2>/dev/null
+  return "$rc"
+}
 
 case "${1:-}" in
   tests) shift; run_tests "$@" ;;
@@ -81,6 +94,8 @@ case "${1:-}" in
   tests-parallel) run_tests_parallel ;;
   serve-bench-http) run_serve_bench_http "$2" ;;
   turbo-serve-bench) run_turbo_serve_bench "$2" ;;
+  turbo-ab) run_turbo_ab "$2" ;;
   all) run_tests; run_regression "$2" "$3" "$4"; run_serve_bench "$4" ;;
-  *) echo "usage: $0 tests | tests-parallel | regression OLD_TREE OLD_SHA NEW_SHA | serve-bench NEW_SHA | serve-bench-http NEW_SHA | turbo-serve-bench NEW_SHA | all ..." >&2; exit 2 ;;
+  *) echo "usage: $0 tests | tests-parallel | regression OLD_TREE OLD_SHA NEW_SHA | serve-bench NEW_SHA | serve-bench-http NEW_SHA | turbo-serve-bench NEW_SHA | turbo-ab NEW_SHA | all ..." >&2
+     exit 2 ;;
 esac
