@@ -19,6 +19,11 @@ Figures are medians over ``--reps`` rounds after ``--warmup`` untimed ones: RTF 
 seconds), time to first audio (the first ``next()`` of the stream), T3 time per token, and for the
 stream where its time goes (T3, flow and vocoder summed over chunks, per chunk). The machine (cores,
 load average before and during the run), torch and the commit go into NAME.json with NAME.md.
+
+An OptConfig whose T3 is quantised (``t3.quantize``) also gets its fidelity against float32 T3
+before the timed rounds: both teacher-forced on the tokens float32 T3 samples for the text (seed
+``--seed``), per position the relative error of the speech logits, whether the top-1 id agrees, and
+the KL divergence of the sampling distribution at the sampling temperature (float32's from int8's).
 """
 from __future__ import annotations
 
@@ -99,11 +104,52 @@ def ours_stream(tts, case: TextCase, seed: int, schedule, context_window: int) -
 
 
 # ---------------------------------------------------------------------------------------- run
+def use_opt(tts, opt) -> None:
+    """``tts.set_opt(opt)``, then the int8 pass for a config that quantises: ``Engine.build`` does not
+    apply ``t3.quantize`` yet (patches/18). The pass skips layers already quantised, so this stays
+    right once the engine applies it itself."""
+    from chatterbox.optim.passes import quantize_models
+
+    tts.set_opt(opt)
+    quantize_models(tts.engine.models, opt)
+
+
+def t3_fidelity(tts, opts, case: TextCase, seed: int) -> dict:
+    """Each quantised config's T3 against float32 T3, teacher-forced on float32's own tokens."""
+    from chatterbox.optim.config import OptConfig
+
+    quantised = [(spec, opt) for spec, opt in opts if opt.t3.quantize is not None]
+    if not quantised:
+        return {}
+    ref_t3 = tts.with_opt(OptConfig.reference()).t3
+    text, cond = tts.engine.text_tokens(case.text), tts.conds.t3
+    temperature = SAMPLING["temperature"]
+    with torch.inference_mode():
+        speech = ref_t3.inference(cond, text, case.max_new_tokens, generator=torch.Generator().manual_seed(seed))
+        start = torch.full((1, 1), ref_t3.cfg.start_speech_token, dtype=torch.long)
+        fed = torch.cat([start, speech[:, :-1]], dim=1)  # position i is fed token i-1 and predicts token i
+        ref = ref_t3(cond, text, fed).speech_logits[0]  # (N, V)
+    out = {}
+    for spec, opt in quantised:
+        use_opt(tts, opt)
+        with torch.inference_mode():
+            got = tts.t3(cond, text, fed).speech_logits[0]
+        rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
+        log_p, log_q = (ref / temperature).log_softmax(-1), (got / temperature).log_softmax(-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).tolist()
+        out[spec] = {"positions": len(rel), "rel_err_median": _median(rel), "rel_err_max": max(rel),
+                     "top1_agreement": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
+                     "kl_median": _median(kl), "kl_max": max(kl), "temperature": temperature}
+        log.info("%s T3 fidelity vs float32: %s", spec, out[spec])
+    return out
+
+
 def run_model(model: str, args, ckpt: Path, reference: Path, case: TextCase) -> dict:
     from chatterbox.optim.config import OptConfig
 
     tts, loaded = load_ours(ckpt, model, reference)
     opts = [(spec, OptConfig.parse(spec)) for spec in args.opts]
+    fidelity = t3_fidelity(tts, opts, case, args.seed)
     short = short_voice(tts, reference, args.short_voice) if args.short_voice else None
     upstream, up_info = None, {"status": "skipped", "reason": "--no-upstream"}
     if args.upstream_python:
@@ -120,7 +166,7 @@ def run_model(model: str, args, ckpt: Path, reference: Path, case: TextCase) -> 
             rep = rnd - args.warmup
             got = []
             for spec, opt in opts:
-                tts.set_opt(opt)
+                use_opt(tts, opt)
                 got.append({"variant": f"ours generate ({spec})", "side": "ours", "mode": "generate", "opt": spec,
                             **ours_generate(tts, case, args.seed)})
                 for schedule in args.schedules:
@@ -150,7 +196,7 @@ def run_model(model: str, args, ckpt: Path, reference: Path, case: TextCase) -> 
         if upstream is not None:
             upstream.close()
     return {"model": model, "ours": loaded, "upstream": up_info, "samples": samples, "loadavg_per_round": loads,
-            "summary": summarize(samples)}
+            "summary": summarize(samples), "t3_fidelity": fidelity}
 
 
 def _sched(schedule) -> str:
@@ -214,6 +260,16 @@ def markdown(result: dict) -> str:
                          f"{v['transformers']}; its S3Gen (flow and vocoder) is timed as one (flow column). Stream "
                          "stage times are sums over chunks; first audio is the first `next()` of the stream.")
         lines.append("")
+        if run.get("t3_fidelity"):
+            lines += [f"T3 against float32 T3, teacher-forced on float32's {st['max_new_tokens']} tokens (seed "
+                      f"{st['seed']}): relative error of the speech logits per position, top-1 agreement, KL "
+                      "divergence of the sampling distribution (float32's from this one's).", "",
+                      "| opt | rel. error median | rel. error max | top-1 agreement | KL median | KL max |",
+                      "|---|---|---|---|---|---|"]
+            for spec, f in run["t3_fidelity"].items():
+                lines.append(f"| {spec} | {f['rel_err_median']:.4f} | {f['rel_err_max']:.4f} | "
+                             f"{f['top1_agreement']:.3f} | {f['kl_median']:.4f} | {f['kl_max']:.4f} |")
+            lines.append("")
     lines += ["## Verdict", ""] + [f"- {v}" for v in result["verdict"]] + [""]
     return "\n".join(lines)
 

@@ -31,6 +31,11 @@ CHANNELS_LAST_COMPONENTS = ("s3tokenizer", "campplus", "flow_encoder", "cfm_esti
 # lengths), and the per-voice encoders (one graph per exact input shape: a reference of the same
 # length replays).
 CUDA_GRAPH_COMPONENTS = ("t3", "cfm_estimator", "campplus", "voice_encoder")
+# Dense layers stored as int8 and run by the CPU's int8 GEMM, activations quantised per call
+# (optim/quantize.py). CPU only; T3 only: its decode is one matrix-vector product per weight.
+INT8_DYNAMIC = "int8_dynamic"
+QUANTIZE_MODES = (None, INT8_DYNAMIC)
+QUANTIZE_COMPONENTS = ("t3",)
 PRESETS = ("reference", "fast", "cpu")
 
 _SPEC_SEPARATOR = "+"
@@ -38,6 +43,8 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 _NO_COMPILE = ("none", "off", "0", "false", "eager")
+_QUANTIZE_ALIASES = {"int8": INT8_DYNAMIC}
+_NO_QUANTIZE = ("none", "off", "0", "false")
 
 
 @dataclass(frozen=True)
@@ -46,12 +53,16 @@ class ComponentOpt:
     channels_last: bool = False
     compile: str | None = None
     cuda_graphs: bool = False
+    # None, or how the component's dense layers are quantised ("int8_dynamic": CPU only)
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {QUANTIZE_MODES} ('int8' in a spec), got {self.quantize!r}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -131,6 +142,11 @@ class OptConfig:
                                  f"(supported: {CHANNELS_LAST_COMPONENTS})")
             if comp.cuda_graphs and name not in CUDA_GRAPH_COMPONENTS:
                 raise ValueError(f"{name} has no CUDA-graph runner (supported: {CUDA_GRAPH_COMPONENTS})")
+            if comp.quantize is not None:
+                _check_quantize(name, comp)
+        if self.t3.quantize is not None and self.t3_fused_decode:
+            raise ValueError("t3.quantize replaces the projection layers whose weights t3_fused_decode packs; "
+                             "turn one of them off")
 
     # ------------------------------------------------------------------ presets
     @classmethod
@@ -199,7 +215,8 @@ class OptConfig:
         """``"[preset][+component.field=value|+field=value]..."``; the preset defaults to reference.
 
         Component fields: ``dtype`` (float32|bfloat16|float16, or fp32/bf16/fp16), ``channels_last``
-        and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none).
+        and ``cuda_graphs`` (1/0, true/false, on/off), ``compile`` (a torch.compile mode, or none),
+        ``quantize`` (int8_dynamic, or int8; none: off; T3 on the CPU only).
         Global fields: ``autograd_mode``, ``cfm_steps``, ``attention_backend``, ``stop_check_every``,
         ``cfm_bucket_frames``; ``t3_fused_decode``, ``t3_gemv``, ``t3_decode_attention``,
         ``t3_gemv_fusion``, ``t3_batching``, ``s3gen_scheduling`` (booleans).
@@ -304,4 +321,22 @@ def _component_value(fname: str, value: str):
         raise ValueError(f"{fname} needs a boolean (1/0, true/false, on/off), got {value!r}")
     if fname == "compile":
         return None if low in _NO_COMPILE else value
-    raise ValueError(f"unknown component field {fname!r}; known: dtype, channels_last, compile, cuda_graphs")
+    if fname == "quantize":
+        return None if low in _NO_QUANTIZE else _QUANTIZE_ALIASES.get(low, low)
+    raise ValueError(f"unknown component field {fname!r}; "
+                     "known: dtype, channels_last, compile, cuda_graphs, quantize")
+
+
+def _check_quantize(name: str, comp: ComponentOpt) -> None:
+    """What a quantised component cannot be combined with (checked before any model is built)."""
+    if name not in QUANTIZE_COMPONENTS:
+        raise ValueError(f"{name} has no quantisation pass (supported: {QUANTIZE_COMPONENTS})")
+    spec = f"{name}.quantize={comp.quantize}"
+    if comp.dtype != "float32":
+        raise ValueError(f"{spec} needs {name}.dtype=float32 (the int8 layers take and return float32), "
+                         f"got {name}.dtype={comp.dtype}")
+    if comp.cuda_graphs:
+        raise ValueError(f"{spec} runs on the CPU only; {name}.cuda_graphs is for CUDA: turn one of them off")
+    if comp.compile is not None:
+        raise ValueError(f"{spec} cannot be combined with {name}.compile={comp.compile} "
+                         "(the int8 layers run as eager CPU kernels)")

@@ -1,7 +1,8 @@
 """One-shot module transforms from an ``OptConfig``: lower a component's dtype, run its convolutions
-as 4-D channels_last. They change the modules they are given, once, and are never undone: the engine
-applies them to its own copy of the float32 weights, and a new configuration builds a new engine
-from those weights (``chatterbox.engine``).
+as 4-D channels_last, quantise its dense layers to int8 (``optim.quantize``, CPU only). They change
+the modules they are given, once, and are never undone: the engine applies them to its own copy of
+the float32 weights, and a new configuration builds a new engine from those weights
+(``chatterbox.engine``; ``quantize_models`` is the int8 pass's entry for that copy).
 
 What is not a module transform lives elsewhere: ``torch.compile`` and CUDA graphs are runners the
 engine wraps around modules (``engine/runners``), the attention backend and the autograd mode are
@@ -18,8 +19,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..nn.conv import Conv1d, ConvTranspose1d
-from .components import component_spec, find_components
+from .components import component_spec, component_specs, find_components
 from .config import ComponentOpt, OptConfig
+from .quantize import quantize_component
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,27 @@ def apply_component_passes(name: str, module: nn.Module, comp: ComponentOpt) -> 
             lower_dtype(module.get_submodule(spec.cast_path), comp.torch_dtype, spec.keep_float32)
         if comp.channels_last:
             set_channels_last(module)
+        if comp.quantize is not None:
+            quantize_component(name, module, comp.quantize)
     return module
+
+
+def quantize_models(models, opt: OptConfig) -> int:
+    """Quantise the components ``opt`` asks for in a pipeline's models (``loader.Models``: ``t3``,
+    ``s3gen``, ``ve``), in place, finding each by its path, so any model family's T3 is covered (the
+    Llama T3 and Turbo's GPT-2 one). For an engine's own copy, after ``engine.materialize``: it
+    replaces modules and never writes into a weight, so the float32 weights the copy shares stay as
+    they are. Raises ``ValueError`` for a component that is not on the CPU. -> layers replaced.
+    """
+    count = 0
+    for name, spec in component_specs().items():
+        mode = opt.component(name).quantize
+        if mode is None:
+            continue
+        head, _, rest = spec.path.partition(".")
+        root = getattr(models, head)
+        count += quantize_component(name, root.get_submodule(rest) if rest else root, mode)
+    return count
 
 
 def _floating_slots(module: nn.Module, keep: tuple[str, ...]):
@@ -90,4 +112,4 @@ def set_channels_last(module: nn.Module) -> None:
                         type(sub).__name__)
 
 
-__all__ = ["apply_component_passes", "apply_passes", "lower_dtype", "set_channels_last"]
+__all__ = ["apply_component_passes", "apply_passes", "lower_dtype", "quantize_models", "set_channels_last"]
