@@ -10,9 +10,8 @@ Tolerances, and why:
 * The whole T3, teacher-forced (float32 logits of the same tokens as the reference): the relative
   error of each position's speech logits ``|l_q - l| / |l|`` stays within 0.10 with 7-bit
   activations and 0.06 with 8-bit ones (VNNI CPUs), and the top-1 id agrees on at least 85 % of the
-  positions. Measured on the tiny models: at most 0.063 / 0.038 and 92-100 %; on full-size Nano
-  (synthetic weights, 120 positions) 0.091 / 0.050 and 82 % / 88 % (patches/18: the sampled
-  distributions, not the argmax, are what generation reads).
+  positions. Measured on these tiny models: at most 0.067 / 0.036 and 91-100 %. Full-size figures
+  (Nano, original T3) and the KL divergence of the sampled distributions are in patches/18.
 """
 from __future__ import annotations
 
