@@ -104,16 +104,6 @@ def ours_stream(tts, case: TextCase, seed: int, schedule, context_window: int) -
 
 
 # ---------------------------------------------------------------------------------------- run
-def use_opt(tts, opt) -> None:
-    """``tts.set_opt(opt)``, then the int8 pass for a config that quantises: ``Engine.build`` does not
-    apply ``t3.quantize`` yet (patches/18). The pass skips layers already quantised, so this stays
-    right once the engine applies it itself."""
-    from chatterbox.optim.passes import quantize_models
-
-    tts.set_opt(opt)
-    quantize_models(tts.engine.models, opt)
-
-
 def t3_fidelity(tts, opts, case: TextCase, seed: int) -> dict:
     """Each quantised config's T3 against float32 T3, teacher-forced on float32's own tokens."""
     from chatterbox.optim.config import OptConfig
@@ -131,7 +121,7 @@ def t3_fidelity(tts, opts, case: TextCase, seed: int) -> dict:
         ref = ref_t3(cond, text, fed).speech_logits[0]  # (N, V)
     out = {}
     for spec, opt in quantised:
-        use_opt(tts, opt)
+        tts.set_opt(opt)
         with torch.inference_mode():
             got = tts.t3(cond, text, fed).speech_logits[0]
         rel = ((got - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
@@ -166,7 +156,7 @@ def run_model(model: str, args, ckpt: Path, reference: Path, case: TextCase) -> 
             rep = rnd - args.warmup
             got = []
             for spec, opt in opts:
-                use_opt(tts, opt)
+                tts.set_opt(opt)
                 got.append({"variant": f"ours generate ({spec})", "side": "ours", "mode": "generate", "opt": spec,
                             **ours_generate(tts, case, args.seed)})
                 for schedule in args.schedules:

@@ -23,7 +23,6 @@ from conftest import make_tiny_tts, make_tiny_turbo_tts
 from torch import nn
 
 from chatterbox.engine import SynthesisRequest
-from chatterbox.engine.materialize import materialize
 from chatterbox.loader import build_tiny_models
 from chatterbox.loader_turbo import build_tiny_turbo_models
 from chatterbox.models.t3.cond import T3Cond
@@ -199,10 +198,8 @@ def original():
 
 
 def int8_engine(tts, opt: OptConfig):
-    """What ``Engine.build`` does, plus the pass it does not call yet (see the xfail test below)."""
-    models = materialize(tts._weights, opt, torch.device("cpu"))
-    assert quantize_models(models, opt) > 0
-    return type(tts.engine)(models, tts.tokenizer, opt, "cpu", tts.engine_cfg)
+    """An engine of ``tts``'s family built from its float32 weights with ``opt`` (``Engine.build``)."""
+    return type(tts.engine).build(tts._weights, tts.tokenizer, opt, "cpu", tts.engine_cfg)
 
 
 @pytest.mark.parametrize("family, text", [("turbo", "Hello there [laugh] friend."),
@@ -230,7 +227,5 @@ def test_an_int8_engine_generates_through_the_engine_api(family, text, request):
     assert not any(isinstance(m, Int8DynamicLinear) for m in tts._weights.t3.modules())
 
 
-@pytest.mark.xfail(strict=True, reason="engine/materialize.py does not call optim.passes.quantize_models yet, so "
-                   "Engine.build leaves t3.quantize unapplied (patches/18); drop this mark when it does")
 def test_set_opt_builds_an_int8_t3(turbo):
     assert isinstance(turbo.with_opt(INT8).t3.speech_head, Int8DynamicLinear)

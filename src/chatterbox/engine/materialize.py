@@ -17,7 +17,7 @@ from torch import nn
 from ..loader import Models
 from ..optim.components import component_specs
 from ..optim.config import OptConfig
-from ..optim.passes import set_channels_last
+from ..optim.passes import quantize_models, set_channels_last
 
 
 def _lowered_ids(models: Models, opt: OptConfig) -> dict[int, torch.dtype]:
@@ -56,7 +56,8 @@ def models_set(models: Models, path: str, module: nn.Module) -> None:
 
 
 def materialize(weights: Models, opt: OptConfig, device: torch.device) -> Models:
-    """``weights`` (float32) -> a new ``Models`` on ``device`` with ``opt``'s dtypes and layouts."""
+    """``weights`` (float32) -> a new ``Models`` on ``device`` with ``opt``'s dtypes, layouts and
+    quantised layers."""
     device = torch.device(device)
     lowered = _lowered_ids(weights, opt)
     memo: dict[int, object] = {}
@@ -77,4 +78,5 @@ def materialize(weights: Models, opt: OptConfig, device: torch.device) -> Models
         for module in models.ve.modules():
             if isinstance(module, nn.LSTM):
                 module.flatten_parameters()
+        quantize_models(models, opt)  # module swaps on the copy (t3.quantize, CPU only)
     return models
