@@ -22,7 +22,8 @@ from chatterbox.constants import S3GEN_SR
 from chatterbox.engine import Engine
 from chatterbox.engine.graph_modules import BucketedEstimator, GraphedForward
 from chatterbox.engine.graphs import GraphRegistry
-from chatterbox.engine.materialize import materialize, models_get
+from chatterbox.engine.materialize import materialize
+from chatterbox.optim.components import models_get
 from chatterbox.engine.t3_runner import EagerT3Runner, GraphedT3Runner
 from chatterbox.loader import Models, build_tiny_models
 from chatterbox.models.s3gen.cfm import CausalCFM, CFMConfig

@@ -26,7 +26,7 @@ from ..loader import Models
 from ..models.s3gen.hift_stream import HiFTStreamer
 from ..models.t3.fused_decode import FusedDecoder
 from ..models.t3.sampling import RowProcessing
-from ..optim.components import component_specs
+from ..optim.components import component_specs, models_get, models_set
 from ..optim.config import OptConfig
 from ..optim.modes import attention_context, autograd_context
 from ..streaming import StreamingMetrics
@@ -35,7 +35,7 @@ from ..voice import VoiceConfig, prepare_conditionals
 from ..watermark import Watermarker, watermark_available
 from .graph_modules import BucketedEstimator, GraphedForward
 from .graphs import GraphRegistry
-from .materialize import materialize, models_get, models_set
+from .materialize import materialize
 from .request import SynthesisRequest
 from .session import Session, SynthesisResult
 from .s3gen_scheduler import S3GenScheduler

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..loader import Models
-from ..optim.components import component_specs
+from ..optim.components import component_specs, models_get
 from ..optim.config import OptConfig
 from ..optim.passes import quantize_models, set_channels_last
 
@@ -35,24 +35,6 @@ def _lowered_ids(models: Models, opt: OptConfig) -> dict[int, torch.dtype]:
                 if t is not None and t.is_floating_point():
                     out[id(t)] = dtype
     return out
-
-
-def models_get(models: Models, path: str) -> nn.Module:
-    head, _, rest = path.partition(".")
-    module = getattr(models, head)
-    return module.get_submodule(rest) if rest else module
-
-
-def models_set(models: Models, path: str, module: nn.Module) -> None:
-    head, _, rest = path.partition(".")
-    if not rest:
-        setattr(models, head, module)
-        return
-    parent_path, _, name = rest.rpartition(".")
-    parent = getattr(models, head)
-    if parent_path:
-        parent = parent.get_submodule(parent_path)
-    setattr(parent, name, module)
 
 
 def materialize(weights: Models, opt: OptConfig, device: torch.device) -> Models:

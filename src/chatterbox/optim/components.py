@@ -60,3 +60,24 @@ def find_components(root: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(module, cls):
                 found.append((name, module))
     return found
+
+
+def models_get(models, path: str) -> nn.Module:
+    """The module at a component's ``path`` (``ComponentSpec.path``) in a pipeline's models
+    (``loader.Models``: ``t3``, ``s3gen``, ``ve``)."""
+    head, _, rest = path.partition(".")
+    module = getattr(models, head)
+    return module.get_submodule(rest) if rest else module
+
+
+def models_set(models, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in a pipeline's models (a load-time module swap)."""
+    head, _, rest = path.partition(".")
+    if not rest:
+        setattr(models, head, module)
+        return
+    parent_path, _, name = rest.rpartition(".")
+    parent = getattr(models, head)
+    if parent_path:
+        parent = parent.get_submodule(parent_path)
+    setattr(parent, name, module)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..nn.conv import Conv1d, ConvTranspose1d
-from .components import component_spec, component_specs, find_components
+from .components import component_spec, component_specs, find_components, models_get
 from .config import ComponentOpt, OptConfig
 from .quantize import quantize_component
 
@@ -63,9 +63,7 @@ def quantize_models(models, opt: OptConfig) -> int:
         mode = opt.component(name).quantize
         if mode is None:
             continue
-        head, _, rest = spec.path.partition(".")
-        root = getattr(models, head)
-        count += quantize_component(name, root.get_submodule(rest) if rest else root, mode)
+        count += quantize_component(name, models_get(models, spec.path), mode)
     return count
 
 
